@@ -1,0 +1,1 @@
+"""Kaggle-style COCO segmentation pipeline built on smp_unet3p."""

@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypedDict
+
+import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.base import ClassificationHead, SegmentationHead, SegmentationModel
+from segmentation_models_pytorch.base import modules as md
+from segmentation_models_pytorch.base.hub_mixin import supports_config_loading
+from segmentation_models_pytorch.base.utils import is_torch_compiling
+from torch import nn
+
+from ...encoders import get_encoder
+from ...modules.cgm import ClassificationGuidedModule, gate_logits
+from .decoder import Unet3PlusDecoder
+
+
+class Unet3PlusTrainOutput(TypedDict, total=False):
+    """What ``Unet3Plus`` returns in train mode when ``deep_supervision`` or ``cgm`` is on.
+
+    - ``masks``: ``[B, classes, H, W]`` logits of the main head (not CGM-gated, so every class gets a
+      segmentation gradient; gating is applied in eval mode).
+    - ``side_masks``: deep-supervision logits, each ``[B, classes, H, W]`` (upsampled to input size), shallow
+      to deep: decoder stages ``X_2 .. X_{D-1}`` then the deepest encoder map ``E_D`` (``D - 1`` tensors).
+    - ``presence``: CGM presence logits ``[B, classes]`` (multi-label, sigmoid).
+    - ``labels``: output of smp's classification head when ``aux_params`` is given.
+    """
+
+    masks: torch.Tensor
+    side_masks: list[torch.Tensor]
+    presence: torch.Tensor
+    labels: torch.Tensor
+
+
+class Unet3Plus(SegmentationModel):
+    """UNet 3+ (Huang et al., 2020, arXiv:2004.08790) on any smp or timm encoder.
+
+    Full-scale skip connections: every decoder stage fuses all encoder and deeper decoder scales, optional
+    full-scale deep supervision, and a classification-guided module (CGM) extended to multi-class presence
+    gating.
+
+    Args:
+        encoder_name: smp encoder (``resnet34``, ``efficientnet-b0``, ``mit_b0`` ...) or timm via ``tu-``.
+        encoder_depth: number of encoder stages, 3..5.
+        encoder_weights: ``None``, a pretrained tag (``"imagenet"``; ``True`` for ``tu-``), or a local
+            ``.safetensors``/``.pth`` file or directory (offline; see ``smp_unet3p.encoders``).
+        decoder_cat_channels: channels of each full-scale branch (64 in the paper); a stage has
+            ``encoder_depth * decoder_cat_channels`` channels.
+        decoder_use_norm: normalisation in the decoder, as smp's ``decoder_use_norm``.
+        decoder_interpolation: upsampling mode of the decoder branches and side outputs.
+        in_channels: input channels.
+        classes: output channels. With ``classes > 1`` class 0 is background (never CGM-gated).
+        activation: activation on the eval output (``"sigmoid"``, ``"softmax"`` ... or ``None`` for logits).
+        deep_supervision: in train mode also return side outputs (see ``Unet3PlusTrainOutput``).
+        cgm: add the classification-guided module (presence head on the deepest encoder map).
+        cgm_dropout: dropout before the CGM's 1x1 conv.
+        cgm_gate: ``"hard"`` (presence > threshold) or ``"soft"`` (presence probability) gating in eval mode.
+        cgm_threshold: presence threshold of the hard gate.
+        aux_params: smp's classification head (``classes``, ``pooling``, ``dropout``, ``activation``).
+        kwargs: passed to the encoder (timm encoders).
+
+    Returns:
+        eval mode: ``[B, classes, H, W]`` (``(masks, labels)`` with ``aux_params``), like every smp model;
+        train mode: the same, or a ``Unet3PlusTrainOutput`` dict when ``deep_supervision`` or ``cgm`` is on.
+    """
+
+    # the train-mode dict output and the CGM branches are not TorchScript-able; export/compile are
+    _is_torch_scriptable = False
+    _is_torch_exportable = True
+    _is_torch_compilable = True
+    requires_divisible_input_shape = True
+
+    @supports_config_loading
+    def __init__(
+        self,
+        encoder_name: str = "resnet34",
+        encoder_depth: int = 5,
+        encoder_weights: str | bool | None = "imagenet",
+        decoder_cat_channels: int = 64,
+        decoder_use_norm: bool | str | dict[str, Any] = "batchnorm",
+        decoder_interpolation: str = "bilinear",
+        in_channels: int = 3,
+        classes: int = 1,
+        activation: str | Callable | None = None,
+        deep_supervision: bool = False,
+        cgm: bool = False,
+        cgm_dropout: float = 0.5,
+        cgm_gate: str = "hard",
+        cgm_threshold: float = 0.5,
+        aux_params: dict | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__()
+        if classes < 1:
+            raise ValueError(f"classes must be >= 1, got {classes}")
+        if cgm_gate not in ("hard", "soft"):
+            raise ValueError(f"cgm_gate must be 'hard' or 'soft', got {cgm_gate!r}")
+
+        self.encoder = get_encoder(
+            encoder_name, in_channels=in_channels, depth=encoder_depth, weights=encoder_weights, **kwargs
+        )
+        self.decoder = Unet3PlusDecoder(
+            encoder_channels=self.encoder.out_channels,
+            encoder_depth=encoder_depth,
+            cat_channels=decoder_cat_channels,
+            use_norm=decoder_use_norm,
+            interpolation_mode=decoder_interpolation,
+        )
+        # decoder output is at stride 2: the head upsamples its logits to input size
+        self.segmentation_head = SegmentationHead(
+            self.decoder.out_channels, classes, kernel_size=3, activation=None, upsampling=2
+        )
+        self.activation = md.Activation(activation)
+        self.deep_supervision = deep_supervision
+        self.side_heads = (
+            nn.ModuleList(
+                nn.Conv2d(ch, classes, kernel_size=3, padding=1) for ch in self.decoder.stage_channels[1:]
+            )
+            if deep_supervision
+            else None
+        )
+        self.interpolation_mode = decoder_interpolation
+        self.cgm = (
+            ClassificationGuidedModule(self.encoder.out_channels[-1], classes, cgm_dropout) if cgm else None
+        )
+        self.cgm_gate = cgm_gate
+        self.cgm_threshold = cgm_threshold
+        self.classification_head = (
+            ClassificationHead(in_channels=self.encoder.out_channels[-1], **aux_params)
+            if aux_params is not None
+            else None
+        )
+        self.name = f"unet3plus-{encoder_name}"
+        self.initialize()
+
+    def initialize(self) -> None:
+        super().initialize()
+        from segmentation_models_pytorch.base import initialization as init
+
+        for head in (self.side_heads, self.cgm):
+            if head is not None:
+                init.initialize_head(head)
+
+    def _upsample(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        align = False if self.interpolation_mode in ("bilinear", "bicubic") else None
+        return F.interpolate(x, size=size, mode=self.interpolation_mode, align_corners=align)
+
+    def forward(self, x: torch.Tensor):
+        if not (torch.jit.is_scripting() or torch.jit.is_tracing() or is_torch_compiling()):
+            self.check_input_shape(x)
+
+        features = self.encoder(x)
+        stages = self.decoder(features)
+        masks = self.segmentation_head(stages[0])
+        presence = self.cgm(features[-1]) if self.cgm is not None else None
+        labels = self.classification_head(features[-1]) if self.classification_head is not None else None
+
+        if self.training and (self.side_heads is not None or presence is not None):
+            out: Unet3PlusTrainOutput = {"masks": masks}
+            if self.side_heads is not None:
+                size = (x.shape[-2], x.shape[-1])
+                out["side_masks"] = [
+                    self._upsample(head(f), size) for head, f in zip(self.side_heads, stages[1:])
+                ]
+            if presence is not None:
+                out["presence"] = presence
+            if labels is not None:
+                out["labels"] = labels
+            return out
+
+        if presence is not None:
+            masks = gate_logits(masks, presence, self.cgm_gate, self.cgm_threshold)
+        masks = self.activation(masks)
+        if labels is not None:
+            return masks, labels
+        return masks
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, **kwargs: Any):
+        # the saved weights replace the encoder's: never fetch (or look for) the original encoder weights
+        kwargs["encoder_weights"] = None
+        return super()._from_pretrained(model_id=model_id, **kwargs)

@@ -1,0 +1,76 @@
+"""Architectures by name: smp's and ours, one entry point.
+
+``register()`` (run on ``import smp_unet3p``) makes smp itself know ``Unet3Plus``: smp's ``create_model``
+looks names up in ``smp.MODEL_ARCHITECTURES_MAPPING`` and ``smp.from_pretrained`` finds the class saved in a
+config as an attribute of the ``segmentation_models_pytorch`` module; both are served, idempotently, without
+editing smp's files.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+import segmentation_models_pytorch as smp
+from torch import nn
+
+from .decoders.unet3plus import Unet3Plus
+from .encoders import download_hint, is_local_weights, load_encoder_weights
+
+__all__ = ["register", "create_model", "available_architectures"]
+
+OUR_ARCHITECTURES: dict[str, type[nn.Module]] = {"unet3plus": Unet3Plus}
+
+
+def register() -> None:
+    """Add our architectures to smp's name table and module namespace (safe to call twice)."""
+    for name, cls in OUR_ARCHITECTURES.items():
+        smp.MODEL_ARCHITECTURES_MAPPING[name] = cls
+        setattr(smp, cls.__name__, cls)
+        architectures = getattr(smp, "_MODEL_ARCHITECTURES", None)
+        if isinstance(architectures, list) and cls not in architectures:
+            architectures.append(cls)
+
+
+def available_architectures() -> list[str]:
+    """Lower-case names accepted by ``create_model``."""
+    return sorted({**smp.MODEL_ARCHITECTURES_MAPPING, **OUR_ARCHITECTURES})
+
+
+def _resolve(arch: str) -> type[nn.Module]:
+    table = {**smp.MODEL_ARCHITECTURES_MAPPING, **OUR_ARCHITECTURES}
+    key = arch.lower().replace("-", "").replace("_", "")
+    aliases = {k.replace("_", ""): v for k, v in table.items()}
+    if key in aliases:
+        return aliases[key]
+    close = difflib.get_close_matches(arch.lower(), list(table), n=3)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"Unknown architecture {arch!r}.{hint} Available: {', '.join(sorted(table))}")
+
+
+def create_model(
+    arch: str,
+    encoder_name: str = "resnet34",
+    encoder_weights: Any = "imagenet",
+    in_channels: int = 3,
+    classes: int = 1,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build any smp architecture or ``unet3plus`` by name (case, ``-`` and ``_`` insensitive).
+
+    ``encoder_weights`` may also be a local ``.safetensors``/``.pth`` file or directory, for every
+    architecture (loaded into ``model.encoder`` with strict key/shape checks).
+    """
+    cls = _resolve(arch)
+    local = is_local_weights(encoder_weights)
+    with download_hint(encoder_name, None if local else encoder_weights):
+        model = cls(
+            encoder_name=encoder_name,
+            encoder_weights=None if local and cls is not Unet3Plus else encoder_weights,
+            in_channels=in_channels,
+            classes=classes,
+            **kwargs,
+        )
+    if local and cls is not Unet3Plus:
+        load_encoder_weights(model.encoder, encoder_weights)
+    return model
