@@ -1,0 +1,48 @@
+"""Atomic, no-surprise file writing: temp file in the same folder, then rename; never overwrite by accident."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+
+class OutputExistsError(FileExistsError):
+    """An output file already exists and overwriting was not asked for."""
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse to replace an existing file unless ``overwrite``; create the parent folder."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = True) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file.
+
+    The temp name keeps the suffix (some writers pick the format from it) and starts with a dot.
+    """
+    path = check_writable(path, overwrite)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text), overwrite)
+
+
+def atomic_write_csv(path: str | os.PathLike, frame: pd.DataFrame, overwrite: bool = True) -> Path:
+    return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False), overwrite)
