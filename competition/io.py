@@ -1,4 +1,4 @@
-"""Atomic, no-surprise file writing: temp file in the same folder, then rename; never overwrite by accident."""
+"""Atomic file writing: temp file in the same folder, then rename; never overwrite by accident."""
 
 from __future__ import annotations
 

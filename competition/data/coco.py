@@ -3,7 +3,8 @@
 What is fatal and what is skipped (see also docs/reliability.md):
 
 - fatal (``CocoFormatError`` naming the file and the item): unreadable or malformed JSON, missing top-level
-  keys, image entries without a valid ``id``/``file_name``/``width``/``height``, duplicate image or category ids, duplicate file names, file names that escape the data root (absolute or ``..``), categories
+  keys, image entries without a valid ``id``/``file_name``/``width``/``height``, duplicate image or category
+  ids, duplicate file names, file names that escape the data root (absolute or ``..``), categories
   that match no class (by name, after the optional merge map).
 - kept with a warning: duplicate annotation ids (real TACO has two; ids only label annotations here).
 - skipped with a warning and a count (``CocoIndex.issues``): annotations missing keys, pointing at an
@@ -305,7 +306,8 @@ def load_coco(path: str | os.PathLike, data_root: str | os.PathLike | None = Non
         shown = "\n  ".join(index.problems[:10])
         more = f"\n  ... and {len(index.problems) - 10} more" if len(index.problems) > 10 else ""
         warnings.warn(
-            f"{path}: {sum(index.issues.values())} annotation problems {dict(index.issues)}:\n  {shown}{more}",
+            f"{path}: {sum(index.issues.values())} annotation problems {dict(index.issues)}:"
+            f"\n  {shown}{more}",
             stacklevel=2,
         )
     return index
