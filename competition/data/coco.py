@@ -1,6 +1,6 @@
 """COCO annotations -> class-index masks, validated, with a content-keyed on-disk cache.
 
-What is fatal and what is skipped (see also docs/reliability.md):
+What is fatal and what is skipped:
 
 - fatal (``CocoFormatError`` naming the file and the item): unreadable or malformed JSON, missing top-level
   keys, image entries without a valid ``id``/``file_name``/``width``/``height``, duplicate image or category

@@ -1,0 +1,101 @@
+"""Multilabel-stratified (optionally grouped) k-fold on per-image class presence.
+
+Stratification uses iterative-stratification's ``MultilabelStratifiedKFold`` (Sechidis et al., 2011). With
+groups (e.g. the ``batch_01_vt`` folder of each file), groups are stratified on their aggregated presence and
+every image of a group lands in the group's fold, so a group never straddles folds.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+from .data.coco import ClassMap, CocoIndex
+from .io import atomic_write_csv
+
+
+def presence_matrix(coco: CocoIndex, class_map: ClassMap) -> pd.DataFrame:
+    """One row per image: ``image_id``, ``file_name`` and a 0/1 column per foreground class name."""
+    names = class_map.names[1:]
+    rows = []
+    for info in coco.images.values():
+        present = np.zeros(len(names), np.int8)
+        for ann in coco.annotations[info.id]:
+            cls = class_map.category_to_class[ann["category_id"]]
+            if cls > 0:
+                present[cls - 1] = 1
+        rows.append({"image_id": info.id, "file_name": info.file_name, **dict(zip(names, present))})
+    return pd.DataFrame(rows)
+
+
+def group_of(file_name: str) -> str:
+    """Default group: the file's folder (``batch_01_vt/0002.jpg`` -> ``batch_01_vt``)."""
+    parent = os.path.dirname(file_name.replace("\\", "/"))
+    return parent or "."
+
+
+def make_folds(
+    presence: np.ndarray, n_splits: int = 5, seed: int = 42, groups: Sequence[str] | None = None
+) -> np.ndarray:
+    """Fold index per row of a 0/1 presence matrix ``[N, K]`` (deterministic for a seed)."""
+    presence = np.asarray(presence)
+    if n_splits < 2:
+        raise ValueError(f"n_splits must be >= 2, got {n_splits}")
+    if groups is None:
+        units, members = presence, np.arange(len(presence))
+    else:
+        codes, uniques = pd.factorize(pd.Series(list(groups)), sort=True)
+        units = np.stack([presence[codes == g].max(axis=0) for g in range(len(uniques))])
+        members = codes
+    if len(units) < n_splits:
+        what = "groups" if groups is not None else "images"
+        raise ValueError(f"cannot split {len(units)} {what} into {n_splits} folds")
+    unit_fold = np.empty(len(units), np.int64)
+    splitter = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(units)), units)):
+        unit_fold[held_out] = fold
+    return unit_fold[members]
+
+
+def stratification_error(presence: np.ndarray, folds: np.ndarray) -> np.ndarray:
+    """Per class: max over folds of |fold frequency - overall frequency| (0 = perfect stratification)."""
+    presence = np.asarray(presence, float)
+    overall = presence.mean(axis=0)
+    per_fold = np.stack([presence[folds == f].mean(axis=0) for f in np.unique(folds)])
+    return np.abs(per_fold - overall).max(axis=0)
+
+
+def build_folds(
+    coco: CocoIndex,
+    class_map: ClassMap,
+    n_splits: int = 5,
+    seed: int = 42,
+    group_by_folder: bool = False,
+) -> pd.DataFrame:
+    """Folds table: ``image_id, file_name, fold, group`` plus the presence columns."""
+    table = presence_matrix(coco, class_map)
+    names = list(class_map.names[1:])
+    table["group"] = (
+        [group_of(f) for f in table["file_name"]] if group_by_folder else table["image_id"].astype(str)
+    )
+    table["fold"] = make_folds(
+        table[names].to_numpy(), n_splits, seed, table["group"] if group_by_folder else None
+    )
+    return table[["image_id", "file_name", "fold", "group", *names]]
+
+
+def write_folds(table: pd.DataFrame, path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Write the folds CSV atomically; an existing file is kept unless ``overwrite``."""
+    atomic_write_csv(path, table, overwrite=overwrite)
+
+
+def fold_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Images and images-per-class in each fold."""
+    class_columns = [c for c in table.columns if c not in ("image_id", "file_name", "fold", "group")]
+    summary = table.groupby("fold")[class_columns].sum()
+    summary.insert(0, "images", table.groupby("fold").size())
+    return summary
