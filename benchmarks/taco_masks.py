@@ -61,9 +61,8 @@ def main() -> None:
         plain_sum = plain_pycocotools_epoch(coco, dict(class_map.category_to_class))
         plain_epoch = time.perf_counter() - start
 
-    print(
-        f"images {len(index.images)}, annotations {sum(map(len, index.annotations.values()))}, {megapixels:.0f} Mpx"
-    )
+    annotations = sum(map(len, index.annotations.values()))
+    print(f"images {len(index.images)}, annotations {annotations}, {megapixels:.0f} Mpx")
     print(f"cache build ({args.workers} workers): {build:.1f} s")
     print(f"cached epoch (read masks):            {cached_epoch:.1f} s")
     print(f"plain pycocotools epoch (rebuild):    {plain_epoch:.1f} s")

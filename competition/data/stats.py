@@ -1,4 +1,4 @@
-"""Dataset statistics from a mask cache: per-class image counts and pixel shares (CSV + bar chart), overlays."""
+"""Dataset statistics from a mask cache: per-class images and pixel shares (CSV + bar chart), overlays."""
 
 from __future__ import annotations
 
