@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .data.coco import BOOSTCAMP_CLASSES, ClassMap, CocoFormatError, MaskCache, load_coco, read_merge_map
-from .io import OutputExistsError
+from .io import OutputExistsError, check_writable
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
@@ -59,8 +59,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_folds(args: argparse.Namespace) -> int:
     from .folds import build_folds, fold_summary, stratification_error, write_folds
 
-    if args.out.exists() and not args.overwrite:
-        raise OutputExistsError(f"{args.out} already exists; pass --overwrite to replace it")
+    check_writable(args.out, args.overwrite)  # fail before the work, not after
     coco, class_map = _class_map(args)
     table = build_folds(coco, class_map, args.k, args.seed, group_by_folder=args.group_by_folder)
     write_folds(table, args.out, overwrite=args.overwrite)

@@ -19,6 +19,7 @@ their class (``crowd="class"``) or as the ignore index 255 (``crowd="ignore"``).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -366,11 +367,16 @@ def write_png(path: Path, array: np.ndarray) -> None:
         raise OSError(f"could not write {path}")
 
 
+def _histogram(mask: np.ndarray) -> np.ndarray:
+    """Pixel count of every uint8 value (class ids and the ignore index)."""
+    return np.bincount(mask.ravel(), minlength=256)
+
+
 def _build_one(task: tuple) -> tuple[int, np.ndarray]:
     image_id, height, width, annotations, category_to_class, crowd, out = task
     mask = rasterize(annotations, height, width, category_to_class, crowd)
     atomic_write(out, lambda tmp: write_png(tmp, mask))
-    return image_id, np.bincount(mask.ravel(), minlength=256)
+    return image_id, _histogram(mask)
 
 
 class MaskCache:
@@ -413,7 +419,7 @@ class MaskCache:
         for info in self.coco.images.values():
             out = self.mask_path(info.id)
             if out.is_file():  # from an interrupted build: whole by construction
-                counts[info.id] = np.bincount(load_mask(out).ravel(), minlength=256)
+                counts[info.id] = _histogram(load_mask(out))
                 continue
             anns = self.coco.annotations[info.id]
             todo.append(
@@ -431,14 +437,10 @@ class MaskCache:
         bar = tqdm(
             total=len(todo), desc=f"masks -> {self.dir.name}", unit="img", disable=not progress or not todo
         )
-        if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for image_id, hist in pool.map(_build_one, todo, chunksize=4):
-                    counts[image_id] = hist
-                    bar.update()
-        else:
-            for task in todo:
-                image_id, hist = _build_one(task)
+        parallel = workers > 1 and len(todo) > 1
+        with ProcessPoolExecutor(max_workers=workers) if parallel else contextlib.nullcontext() as pool:
+            results = pool.map(_build_one, todo, chunksize=4) if parallel else map(_build_one, todo)
+            for image_id, hist in results:
                 counts[image_id] = hist
                 bar.update()
         bar.close()
