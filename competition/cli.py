@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from .checkpoint import CheckpointError
 from .data.coco import BOOSTCAMP_CLASSES, ClassMap, CocoFormatError, MaskCache, load_coco, read_merge_map
 from .io import OutputExistsError, check_writable
+from .train import NonFiniteLossError
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +74,17 @@ def cmd_folds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    results = train(cfg, args.fold, resume=args.resume, overwrite=args.overwrite)
+    for r in results if os.environ.get("RANK", "0") == "0" else []:
+        print(f"fold {r.fold}: best mIoU {r.best_miou:.4f} at epoch {r.best_epoch} -> {r.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="competition",
@@ -102,6 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing folds file")
     p.set_defaults(func=cmd_folds)
+
+    p = sub.add_parser(
+        "train",
+        help="train fold(s) from a YAML config -> runs/<name>/fold<k>/",
+        description="Train one fold or all folds. Overrides are dotted keys, e.g. train.epochs=3 "
+        "model.encoder_name=efficientnet-b0 model.params.cgm=false. Multi-GPU: "
+        "torchrun --nproc_per_node N -m competition.cli train ...",
+    )
+    p.add_argument("--config", required=True, help="YAML file, or a shipped config's name (e.g. tiny_cpu)")
+    p.add_argument("--fold", default="all", help="fold number, comma-separated numbers, or 'all'")
+    p.add_argument("--resume", action="store_true", help="continue from each fold's last.ckpt")
+    p.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    p.set_defaults(func=cmd_train)
     return parser
 
 
@@ -113,7 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CocoFormatError, OutputExistsError, FileNotFoundError, ValueError) as exc:
+    except (
+        CocoFormatError,
+        OutputExistsError,
+        FileNotFoundError,
+        ValueError,
+        CheckpointError,
+        NonFiniteLossError,
+    ) as exc:
         print(f"competition {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

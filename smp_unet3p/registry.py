@@ -8,12 +8,12 @@ editing smp's files.
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import segmentation_models_pytorch as smp
 from torch import nn
 
+from ._names import did_you_mean
 from .decoders.unet3plus import Unet3Plus
 from .encoders import download_hint, is_local_weights, load_encoder_weights
 
@@ -43,8 +43,7 @@ def _resolve(arch: str) -> type[nn.Module]:
     aliases = {k.replace("_", ""): v for k, v in table.items()}
     if key in aliases:
         return aliases[key]
-    close = difflib.get_close_matches(arch.lower(), list(table), n=3)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(arch, table)
     raise ValueError(f"Unknown architecture {arch!r}.{hint} Available: {', '.join(sorted(table))}")
 
 

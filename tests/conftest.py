@@ -21,3 +21,47 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def tiny_config_dict(data: dict, out: Path, **train) -> dict:
+    """A seconds-on-CPU UNet 3+ (DS + soft CGM) config for the synthetic dataset."""
+    return {
+        "name": "tiny",
+        "output_dir": str(out),
+        "data": {"root": str(data["root"]), "annotations": str(data["train"]), "folds": str(data["folds"])},
+        "model": {
+            "arch": "unet3plus",
+            "encoder_name": "resnet18",
+            "encoder_weights": None,
+            "params": {"deep_supervision": True, "cgm": True, "cgm_gate": "soft", "decoder_cat_channels": 8},
+        },
+        "loss": {"name": "dice_ce"},
+        "optimizer": {"lr": 3e-3},
+        "augment": {"hflip": 0.5},
+        "train": {"epochs": 2, "batch_size": 4, "workers": 0, "progress": False, **train},
+    }
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> dict:
+    """12 training + 4 test images (64 px) of the synthetic trash dataset, with 2 folds."""
+    from competition.data.coco import ClassMap, load_coco
+    from competition.data.synthetic import make_synthetic_dataset
+    from competition.folds import build_folds, write_folds
+
+    root = tmp_path_factory.mktemp("synthetic")
+    paths = make_synthetic_dataset(root, n_train=12, n_test=4, size=64, seed=1)
+    coco = load_coco(paths["train"], root)
+    write_folds(build_folds(coco, ClassMap.build(coco.categories), 2, seed=0), root / "folds.csv")
+    return {**paths, "folds": root / "folds.csv"}
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_data, tmp_path_factory):
+    """Both folds of the tiny config, trained 2 epochs (shared by the training and inference tests)."""
+    from competition.config import config_from_dict
+    from competition.train import train
+
+    cfg = config_from_dict(tiny_config_dict(synthetic_data, tmp_path_factory.mktemp("runs")))
+    results = train(cfg, "all")
+    return cfg, results

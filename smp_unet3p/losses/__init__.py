@@ -6,12 +6,12 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss, JaccardLoss, LovaszLoss, TverskyLoss
 from torch import nn
 
+from .._names import did_you_mean
 from ._base import CrossEntropyLoss, SoftmaxFocalLoss, loss_mode, probs_and_onehot
 from .deep_supervision import DeepSupervisionLoss
 from .hybrid import DiceCELoss, Unet3PlusHybridLoss, WeightedSum
@@ -42,8 +42,7 @@ def get_loss(name: str, classes: int, ignore_index: int | None = 255) -> nn.Modu
     """Segmentation loss by name for a model with ``classes`` output channels."""
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in _FACTORIES:
-        close = difflib.get_close_matches(name.lower(), available_losses(), n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        hint = did_you_mean(name, available_losses())
         raise ValueError(f"Unknown loss {name!r}.{hint} Available: {', '.join(available_losses())}")
     return _FACTORIES[key](classes, ignore_index)
 

@@ -9,6 +9,12 @@ With encoder maps ``E1..ED`` (strides 2 .. 2**D; ``E0``, the input, is not used)
 
 each branch is a 3x3 conv to ``cat_channels`` (+ norm + ReLU), the branches are concatenated
 (``D * cat_channels`` channels; 5 x 64 = 320 in the paper) and fused by a 3x3 conv (+ norm + ReLU).
+
+``upsample_after_conv=True`` (default) runs an upsampling branch's conv at the source's own (coarse)
+resolution and upsamples its ``cat_channels`` output; the paper upsamples the wide source map first and
+convolves at the fine resolution (``False``). The weights are the same shapes either way, but upsampling
+first costs up to ``4**(j-i)`` times the branch FLOPs and memory: on a 5-stage encoder the ``E_5`` branch
+of the stride-2 stage convolves a 16x-upsampled 512-channel map (see docs/benchmarks.md).
 Encoder stages that report 0 channels (ConvNeXt / MiT have no stride-2 feature) simply contribute no branch.
 """
 
@@ -33,21 +39,28 @@ class FullScaleBranch(nn.Module):
         scale_log2: int,
         use_norm: bool | str | dict[str, Any] = "batchnorm",
         interpolation_mode: str = "bilinear",
+        upsample_after_conv: bool = True,
     ):
         super().__init__()
         # scale_log2 > 0: source is finer (pool down); < 0: coarser (upsample); 0: same scale
         self.pool = 2**scale_log2 if scale_log2 > 0 else 1
         self.upsample = scale_log2 < 0
+        self.upsample_after_conv = upsample_after_conv
         self.interpolation_mode = interpolation_mode
         self.conv = md.Conv2dReLU(in_channels, out_channels, kernel_size=3, padding=1, use_norm=use_norm)
+
+    def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        align = False if self.interpolation_mode in ("bilinear", "bicubic") else None
+        return F.interpolate(x, size=size, mode=self.interpolation_mode, align_corners=align)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self.pool > 1:
             x = F.max_pool2d(x, kernel_size=self.pool, stride=self.pool, ceil_mode=True)
-        elif self.upsample:
-            align = False if self.interpolation_mode in ("bilinear", "bicubic") else None
-            x = F.interpolate(x, size=size, mode=self.interpolation_mode, align_corners=align)
-        return self.conv(x)
+        if not self.upsample:
+            return self.conv(x)
+        if self.upsample_after_conv:
+            return self._resize(self.conv(x), size)
+        return self.conv(self._resize(x, size))
 
 
 class FullScaleStage(nn.Module):
@@ -61,11 +74,12 @@ class FullScaleStage(nn.Module):
         out_channels: int,
         use_norm: bool | str | dict[str, Any],
         interpolation_mode: str,
+        upsample_after_conv: bool = True,
     ):
         super().__init__()
         # sources: (source level, channels) in the order the forward pass hands them over
         self.branches = nn.ModuleList(
-            FullScaleBranch(ch, cat_channels, level - src, use_norm, interpolation_mode)
+            FullScaleBranch(ch, cat_channels, level - src, use_norm, interpolation_mode, upsample_after_conv)
             for src, ch in sources
         )
         self.fuse = md.Conv2dReLU(
@@ -85,6 +99,8 @@ class Unet3PlusDecoder(nn.Module):
         cat_channels: channels of every branch (64 in the paper).
         use_norm: normalisation after each conv, as in smp (``"batchnorm"``, ``True``, a dict ...).
         interpolation_mode: mode of the upsampling branches (``"bilinear"`` in the paper).
+        upsample_after_conv: convolve deeper maps at their own resolution, then upsample (fast, default);
+            ``False`` is the paper's order (upsample, then convolve).
 
     Forward returns the stage outputs shallow to deep: ``[X_1, ..., X_{D-1}, E_D]``; ``X_1`` (stride 2) feeds
     the segmentation head, the rest feed the deep-supervision heads.
@@ -97,6 +113,7 @@ class Unet3PlusDecoder(nn.Module):
         cat_channels: int = 64,
         use_norm: bool | str | dict[str, Any] = "batchnorm",
         interpolation_mode: str = "bilinear",
+        upsample_after_conv: bool = True,
     ):
         super().__init__()
         if not 3 <= encoder_depth <= 5:
@@ -129,7 +146,13 @@ class Unet3PlusDecoder(nn.Module):
             branch_specs.append((encoder_depth, channels[-1]))
             stages.append(
                 FullScaleStage(
-                    branch_specs, level, cat_channels, self.out_channels, use_norm, interpolation_mode
+                    branch_specs,
+                    level,
+                    cat_channels,
+                    self.out_channels,
+                    use_norm,
+                    interpolation_mode,
+                    upsample_after_conv,
                 )
             )
             self.stage_sources.append(sources)

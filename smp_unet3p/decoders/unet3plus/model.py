@@ -49,6 +49,9 @@ class Unet3Plus(SegmentationModel):
             ``encoder_depth * decoder_cat_channels`` channels.
         decoder_use_norm: normalisation in the decoder, as smp's ``decoder_use_norm``.
         decoder_interpolation: upsampling mode of the decoder branches and side outputs.
+        decoder_upsample_after_conv: run each upsampling branch's 3x3 conv at the coarse source resolution,
+            then upsample (default; much cheaper). ``False``: the paper's order, upsample then conv. Same
+            weights either way, so checkpoints load into both.
         in_channels: input channels.
         classes: output channels. With ``classes > 1`` class 0 is background (never CGM-gated).
         activation: activation on the eval output (``"sigmoid"``, ``"softmax"`` ... or ``None`` for logits).
@@ -80,6 +83,7 @@ class Unet3Plus(SegmentationModel):
         decoder_cat_channels: int = 64,
         decoder_use_norm: bool | str | dict[str, Any] = "batchnorm",
         decoder_interpolation: str = "bilinear",
+        decoder_upsample_after_conv: bool = True,
         in_channels: int = 3,
         classes: int = 1,
         activation: str | Callable | None = None,
@@ -106,6 +110,7 @@ class Unet3Plus(SegmentationModel):
             cat_channels=decoder_cat_channels,
             use_norm=decoder_use_norm,
             interpolation_mode=decoder_interpolation,
+            upsample_after_conv=decoder_upsample_after_conv,
         )
         # decoder output is at stride 2: the head upsamples its logits to input size
         self.segmentation_head = SegmentationHead(

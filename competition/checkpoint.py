@@ -1,0 +1,133 @@
+"""Our checkpoint files: ``best.safetensors`` + ``best.json`` (weights for inference) and ``last.ckpt``
+(everything needed to resume). All are written atomically; ``last.ckpt`` is read with ``weights_only=True``
+and safetensors never runs code, so loading a checkpoint never executes pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+
+from .config import Config, config_from_dict
+from .io import atomic_write, atomic_write_text
+
+BEST_WEIGHTS, BEST_META, LAST, CONFIG_FILE = "best.safetensors", "best.json", "last.ckpt", "config.yaml"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not match the model it is loaded into."""
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Model weights as safetensors (shared tensors deduplicated), written atomically."""
+    return atomic_write(path, lambda tmp: safetensors.torch.save_model(model, str(tmp)))
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Strictly load safetensors weights; a mismatch names the first missing/unexpected/misshaped keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        state = safetensors.torch.load_file(str(path), device=str(device))
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    own = model.state_dict()
+    misshaped = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+                 if k in own and v.shape != own[k].shape]  # fmt: skip
+    missing, unexpected = [], sorted(set(state) - set(own))
+    if not misshaped:  # load_model knows which keys save_model dropped as aliases of shared tensors
+        missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False, device=str(device))
+    if missing or unexpected or misshaped:
+        raise CheckpointError(
+            f"{path} does not match the model (another architecture, encoder or class count?): "
+            + "; ".join(
+                f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}"
+                for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", misshaped))
+                if items
+            )
+        )
+    return model
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch (CPU + CUDA), NumPy and Python RNG states as tensors/lists (``weights_only``-loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "gauss": [has_gauss, cached]},
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    keys = np_state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, np_state["pos"], *np_state["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_last(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Resume checkpoint (``torch.save`` of tensors, dicts, lists and numbers only), atomically."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_last(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a resume checkpoint with ``weights_only=True``: pickled code in the file is never run."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot load {path} as a resume checkpoint (weights_only=True): {exc}. Only checkpoints written "
+            "by `competition train` are accepted."
+        ) from exc
+
+
+def write_best(run_dir: Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    save_weights(model, run_dir / BEST_WEIGHTS)
+    atomic_write_text(run_dir / BEST_META, json.dumps(meta, indent=2))
+
+
+def read_run_config(run_dir: str | os.PathLike) -> Config:
+    """The resolved config a fold directory was trained with."""
+    import yaml
+
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} not found: is {run_dir} a fold directory written by `competition train`?"
+        )
+    return config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
+
+
+def load_fold_model(
+    run_dir: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """Rebuild a fold's model from its ``config.yaml`` and load ``best.safetensors`` (eval mode).
+
+    Returns ``(model, config, best.json contents)``. Never downloads: encoder weights are not fetched.
+    """
+    from .train import build_model
+
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    meta_path = run_dir / BEST_META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path} not found: fold {run_dir.name} has no best checkpoint yet")
+    meta = json.loads(meta_path.read_text())
+    model = build_model(cfg, len(meta["classes"]), pretrained=False)
+    load_weights(model, run_dir / BEST_WEIGHTS, device)
+    return model.to(device).eval(), cfg, meta

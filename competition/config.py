@@ -1,0 +1,282 @@
+"""One typed run configuration: YAML file + dotted command-line overrides, validated on load.
+
+Every section rejects unknown keys and bad values, and the error names the key (``train.epocs: unknown key.
+Did you mean 'epochs'?``). Relative paths are resolved against the current directory when loaded, so the
+``config.yaml`` written into a run directory is self-contained: it alone rebuilds the model for inference.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from smp_unet3p._names import did_you_mean
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key at fault."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+Probability = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class DataConfig(_Section):
+    """Where the training images, masks and folds are.
+
+    ``format: coco``: ``root`` holds the images, ``annotations`` the COCO json (masks are built into the mask
+    cache as ``competition prepare`` does). ``format: folder``: ``image_dir`` + ``mask_dir`` matched by stem
+    (``value_map: binary`` maps mask > 127 to class 1). ``folds``: CSV with ``image_id`` and ``fold``.
+    """
+
+    format: Literal["coco", "folder"] = "coco"
+    root: Path | None = None
+    annotations: Path | None = None
+    classes: list[str] | None = None
+    merge_map: Path | None = None
+    cache_dir: Path | None = None
+    crowd: Literal["class", "ignore"] = "class"
+    image_dir: Path | None = None
+    mask_dir: Path | None = None
+    value_map: Literal["binary"] | dict[int, int] | None = "binary"
+    folds: Path
+
+    @model_validator(mode="after")
+    def _paths_for_format(self) -> DataConfig:
+        need = ("root", "annotations") if self.format == "coco" else ("image_dir", "mask_dir")
+        missing = [f"data.{k}" for k in need if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"format {self.format!r} needs {', '.join(missing)}")
+        if self.format == "folder" and self.classes is None and self.value_map != "binary":
+            raise ValueError("format 'folder' with a value_map needs data.classes (names, background first)")
+        return self
+
+
+class ModelConfig(_Section):
+    """Any smp architecture or ``unet3plus`` by name; ``params`` go to its constructor."""
+
+    arch: str = "unet3plus"
+    encoder_name: str = "resnet34"
+    encoder_weights: str | None = None
+    classes: int | None = Field(default=None, ge=1)
+    in_channels: int = Field(default=3, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        from smp_unet3p.registry import _resolve
+
+        _resolve(value)  # raises with close names
+        return value
+
+    @field_validator("encoder_name")
+    @classmethod
+    def _known_encoder(cls, value: str) -> str:
+        if value.startswith("tu-"):
+            import timm
+
+            if not timm.is_model(value[3:]):
+                hint = did_you_mean(value[3:], timm.list_models())
+                raise ValueError(f"unknown timm encoder {value!r}.{hint}")
+            return value
+        from segmentation_models_pytorch.encoders import get_encoder_names
+
+        names = get_encoder_names()
+        if value not in names:
+            raise ValueError(
+                f"unknown encoder {value!r}.{did_you_mean(value, names)} timm models work as 'tu-<name>'."
+            )
+        return value
+
+
+class LossConfig(_Section):
+    """Loss by name (``smp_unet3p.losses.get_loss``); side-output and CGM terms are added when present."""
+
+    name: str = "dice_ce"
+    side_weight: float = Field(default=1.0, ge=0.0)
+    cgm_weight: float = Field(default=0.4, ge=0.0)
+    ignore_index: int = 255
+
+    @field_validator("name")
+    @classmethod
+    def _known_loss(cls, value: str) -> str:
+        from smp_unet3p.losses import available_losses
+
+        if value.lower() not in available_losses():
+            raise ValueError(f"unknown loss {value!r}.{did_you_mean(value, available_losses())}")
+        return value
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+
+
+class SchedulerConfig(_Section):
+    """Linear warm-up (``warmup_epochs``, may be fractional) then cosine / poly decay to ``min_lr_ratio``."""
+
+    name: Literal["cosine", "poly", "constant"] = "cosine"
+    warmup_epochs: float = Field(default=0.0, ge=0.0)
+    min_lr_ratio: float = Field(default=0.01, ge=0.0, le=1.0)
+    power: float = Field(default=0.9, gt=0.0)
+
+
+class AugmentConfig(_Section):
+    """Albumentations pipeline; probabilities in [0, 1]. ``size``: random training crop (padded if small)."""
+
+    size: int | None = Field(default=None, ge=32)
+    hflip: float = Field(default=0.5, ge=0.0, le=1.0)
+    vflip: float = Probability
+    rotate90: float = Probability
+    shift_scale_rotate: float = Probability
+    elastic: float = Probability
+    color: float = Probability
+    normalize: Literal["imagenet", "none"] = "imagenet"
+    eval_size: int | None = Field(default=None, ge=32)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(default=20, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    val_batch_size: int | None = Field(default=None, ge=1)
+    accum_steps: int = Field(default=1, ge=1)
+    amp: Literal["none", "bf16", "fp16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
+    grad_clip: float | None = Field(default=None, gt=0.0)
+    seed: int = 42
+    workers: int = Field(default=2, ge=0)
+    device: str = "auto"
+    nan_policy: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = Field(default=10, ge=0)
+    deterministic: bool = False
+    oof: Literal["probs", "argmax", "none"] = "probs"
+    oof_size: int | None = Field(default=None, ge=8)
+    progress: bool = True
+
+
+class Config(_Section):
+    """A whole run: ``runs/<name>/fold<k>/`` is written under ``output_dir``."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: Path = Path("runs")
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def run_dir(self, fold: int) -> Path:
+        return self.output_dir / self.name / f"fold{fold}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _fields_of(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """Field names of the section at ``path`` (for suggestions)."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _format_errors(exc: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not str(p).startswith(("literal[", "function-")))
+        key = ".".join(map(str, loc)) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key.{did_you_mean(str(loc[-1]), _fields_of(Config, loc[:-1]))}")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {message} (got {err.get('input')!r})")
+    return ConfigError(f"invalid config {source}:\n  " + "\n  ".join(dict.fromkeys(lines)))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``["train.epochs=3", "model.params.cgm=false"]`` applied to a nested dict (values parsed as YAML)."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key.sub=value")
+        parts = key.strip().split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    data = raw.get("data")
+    if isinstance(data, dict):
+        for key in ("root", "annotations", "merge_map", "cache_dir", "image_dir", "mask_dir", "folds"):
+            if isinstance(data.get(key), str):
+                data[key] = str((base / os.path.expanduser(data[key])).resolve())
+    raw.setdefault("output_dir", "runs")
+    if isinstance(raw.get("output_dir"), str):
+        raw["output_dir"] = str((base / raw["output_dir"]).resolve())
+    weights = raw.get("model", {}).get("encoder_weights") if isinstance(raw.get("model"), dict) else None
+    if isinstance(weights, str) and (os.sep in weights or weights.endswith((".pth", ".pt", ".safetensors"))):
+        raw["model"]["encoder_weights"] = str((base / os.path.expanduser(weights)).resolve())
+
+
+def config_from_dict(
+    raw: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>", base: Path | None = None
+) -> Config:
+    """Validate a nested dict (+ overrides); relative paths are resolved against ``base`` (default: cwd)."""
+    raw = apply_overrides(raw, overrides or [])
+    _resolve_paths(raw, base or Path.cwd())
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise _format_errors(exc, source) from None
+
+
+def find_config(name_or_path: str | os.PathLike) -> Path:
+    """A YAML path, or the name of a shipped config (``unet3plus_r34`` -> ``competition/configs/...``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{path.stem}.yaml"
+    if shipped.is_file() and path.parent == Path("."):
+        return shipped
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name_or_path} not found.{did_you_mean(path.stem, names)} Shipped: {names}")
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or a shipped config's name), apply dotted overrides and validate."""
+    path = find_config(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(raw, overrides, source=str(path))

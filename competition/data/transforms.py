@@ -1,0 +1,84 @@
+"""Albumentations pipelines built from an ``AugmentConfig``, and per-sample seeding for reproducible runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import albumentations as A
+import cv2
+from torch.utils.data import Dataset
+
+from .coco import IGNORE_INDEX
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _normalize(aug: Any) -> list[A.BasicTransform]:
+    if aug.normalize == "imagenet":
+        return [A.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return [A.Normalize(mean=0.0, std=1.0)]  # just scale to [0, 1]
+
+
+def build_train_transform(aug: Any) -> A.Compose:
+    """Geometric + colour augmentation, random crop to ``aug.size`` (mask padding = ignore), normalisation.
+
+    ``elastic`` is the U-Net paper's elastic deformation; ``shift_scale_rotate`` an affine shift/scale/rotate.
+    Padded mask pixels are ``IGNORE_INDEX`` so they never count in the loss.
+    """
+    steps: list[A.BasicTransform] = []
+    if aug.size is not None:
+        steps.append(A.RandomCrop(aug.size, aug.size, pad_if_needed=True, fill=0, fill_mask=IGNORE_INDEX))
+    if aug.hflip:
+        steps.append(A.HorizontalFlip(p=aug.hflip))
+    if aug.vflip:
+        steps.append(A.VerticalFlip(p=aug.vflip))
+    if aug.rotate90:
+        steps.append(A.RandomRotate90(p=aug.rotate90))
+    if aug.shift_scale_rotate:
+        steps.append(
+            A.Affine(
+                scale=(0.8, 1.2),
+                translate_percent=(-0.0625, 0.0625),
+                rotate=(-30, 30),
+                border_mode=cv2.BORDER_CONSTANT,
+                fill_mask=IGNORE_INDEX,
+                p=aug.shift_scale_rotate,
+            )
+        )
+    if aug.elastic:
+        steps.append(A.ElasticTransform(alpha=30, sigma=6, border_mode=cv2.BORDER_REFLECT_101, p=aug.elastic))
+    if aug.color:
+        steps.append(A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=aug.color))
+    return A.Compose(steps + _normalize(aug))
+
+
+def build_eval_transform(aug: Any) -> A.Compose:
+    """Deterministic: optional resize to ``aug.eval_size`` then the training normalisation."""
+    steps: list[A.BasicTransform] = []
+    if aug.eval_size is not None:
+        steps.append(A.Resize(aug.eval_size, aug.eval_size))
+    return A.Compose(steps + _normalize(aug))
+
+
+class EpochSeeded(Dataset):
+    """Seeds the wrapped dataset's albumentations transform per (seed, epoch, index) before each sample.
+
+    A sample's augmentation then depends only on those three numbers, not on worker count, sampling order or
+    how many samples were drawn before: a resumed run, or a DDP run, sees exactly the same augmentations.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        transform = getattr(self.dataset, "transform", None)
+        if transform is not None:
+            transform.set_random_seed((self.seed * 1_000_003 + self.epoch * 10_007 + i) % 2**32)
+        return self.dataset[i]

@@ -1,0 +1,59 @@
+"""Confusion-matrix segmentation metrics, accumulated over a whole fold (not averaged per batch).
+
+``IoU_c = TP_c / (TP_c + FP_c + FN_c)`` from one confusion matrix summed over every pixel of every image.
+A class absent from both the predictions and the targets of the whole set has no union; its IoU is NaN and it
+is excluded from mIoU (``nanmean``). Target pixels equal to ``ignore_index`` are not counted. With no counted
+pixel at all every IoU is NaN and mIoU is reported as NaN, never as a division error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class ConfusionMatrix:
+    """``matrix[target, prediction]`` pixel counts for ``num_classes`` classes."""
+
+    def __init__(self, num_classes: int, ignore_index: int | None = 255, device: str | torch.device = "cpu"):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        """Add a batch of class-index predictions and targets of the same shape."""
+        if prediction.shape != target.shape:
+            raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ")
+        prediction, target = prediction.reshape(-1).long(), target.reshape(-1).long()
+        keep = (target >= 0) & (target < self.num_classes)
+        if self.ignore_index is not None:
+            keep &= target != self.ignore_index
+        index = target[keep] * self.num_classes + prediction[keep].clamp(0, self.num_classes - 1)
+        self.matrix += torch.bincount(index, minlength=self.num_classes**2).view_as(self.matrix)
+
+    def all_reduce(self) -> None:
+        """Sum the matrix over DDP ranks (no-op when not distributed)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.matrix)
+
+    def iou(self) -> np.ndarray:
+        """Per-class IoU; NaN for a class with no prediction and no target pixel."""
+        m = self.matrix.double().cpu().numpy()
+        tp = np.diag(m)
+        union = m.sum(0) + m.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(union > 0, tp / union, np.nan)
+
+    def miou(self) -> float:
+        iou = self.iou()
+        return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+    def pixel_accuracy(self) -> float:
+        m = self.matrix.double()
+        total = float(m.sum())
+        return float(m.diag().sum()) / total if total else float("nan")
+
+
+def binary_scores(matrix: ConfusionMatrix) -> dict[str, float]:
+    """Pixel error and foreground IoU of a 2-class matrix (the ISBI-2012 numbers)."""
+    return {"pixel_error": 1.0 - matrix.pixel_accuracy(), "foreground_iou": float(matrix.iou()[1])}
