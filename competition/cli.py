@@ -85,6 +85,112 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str | None) -> list[float] | None:
+    return [float(x) for x in text.split(",")] if text else None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .infer import InferenceOptions, parse_tta, predict
+
+    opts = InferenceOptions(
+        views=parse_tta(args.tta),
+        scales=_floats(args.scales) or [1.0],
+        tile=args.tile,
+        overlap=args.overlap,
+        amp=args.amp,
+        channels_last=args.channels_last,
+    )
+    summary = predict(
+        args.runs,
+        args.data_root,
+        args.test,
+        args.out,
+        weights=_floats(args.weights),
+        opts=opts,
+        fmt=args.format,
+        size=args.size or None,
+        save_probs=args.save_probs,
+        probs_size=args.probs_size or None,
+        overlays=args.overlays,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=_device(args.device),
+        overwrite=args.overwrite,
+    )
+    print(
+        f"{summary['images']} images x {summary['models']} models x {summary['views']} views in "
+        f"{summary['seconds']:.1f}s -> {summary['submission']} (validated)"
+    )
+    if summary["probs"]:
+        print(f"probabilities: {summary['probs']}")
+    return 0
+
+
+def _device(name: str) -> str:
+    from .train import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _test_ids(test: Path) -> list[str]:
+    import json
+
+    try:
+        return [img["file_name"] for img in json.loads(test.read_text())["images"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CocoFormatError(f"cannot read image file names from {test}: {exc}") from exc
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data.coco import load_coco
+    from .ensemble import average_prob_files
+    from .submission import submission_rows, write_submission
+
+    coco = load_coco(args.test, None)
+    names = [str(n) for n in np.load(args.probs[0])["class_names"]]
+    keys = [str(i) for i in coco.images]
+    rows = []
+    for (_, probs), info in zip(
+        average_prob_files(args.probs, keys, _floats(args.weights)), coco.images.values()
+    ):
+        mask = probs.argmax(0).astype(np.uint8)
+        rows += submission_rows(info.file_name, mask, args.format, args.size or None)
+    path = write_submission(
+        rows, args.out, _test_ids(args.test), len(names), args.format, args.size or None, args.overwrite
+    )
+    print(f"ensemble of {len(args.probs)} probability files -> {path} (validated)")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .submission import validate_submission
+
+    problems = validate_submission(
+        args.submission, _test_ids(args.test), args.classes, args.format, args.size or None
+    )
+    if problems:
+        print(f"{args.submission}: INVALID, {len(problems)} problem(s) (first shown):", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    print(f"{args.submission}: valid ({args.format}, {args.classes} classes)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .ensemble import evaluate_oof, search_weights
+
+    weights = _floats(args.weights)
+    if args.search_weights:
+        weights, best, table = search_weights(args.runs, args.step)
+        print(table.head(10).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(f"best weights {[round(float(w), 3) for w in weights]}: OOF mIoU {best:.4f}")
+    print(evaluate_oof(args.runs, weights).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="competition",
@@ -130,7 +236,76 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "predict",
+        help="ensemble fold checkpoints (+TTA, sliding window) on test images -> validated submission CSV",
+    )
+    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs (every fold) or fold dirs")
+    p.add_argument("--weights", default=None, help="comma-separated weight per run (default: equal)")
+    p.add_argument("--data-root", required=True, type=Path, help="folder the test file names are relative to")
+    p.add_argument(
+        "--test", required=True, type=Path, help="test COCO json (images only), e.g. DATA/test.json"
+    )
+    p.add_argument("--out", required=True, type=Path, help="submission CSV to write")
+    p.add_argument(
+        "--tta", default="hflip", help="views: hflip,vflip,rot90,rot180 or 'none' (default: hflip)"
+    )
+    p.add_argument("--scales", default="1.0", help="comma-separated TTA scales, e.g. 0.75,1.0,1.25")
+    p.add_argument(
+        "--tile", type=int, default=None, help="sliding-window tile for larger images (default: off)"
+    )
+    p.add_argument("--overlap", type=int, default=128, help="sliding-window overlap in pixels")
+    _add_submission_args(p)
+    p.add_argument("--save-probs", type=Path, default=None, help="also save float16 probabilities (.npz)")
+    p.add_argument("--probs-size", type=int, default=256, help="side of the saved probabilities (0: native)")
+    p.add_argument("--overlays", type=int, default=4, help="overlay PNGs of the first N predictions")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding the next batch")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "ensemble", help="weighted average of saved probabilities (predict --save-probs) -> CSV"
+    )
+    p.add_argument(
+        "--probs", nargs="+", required=True, type=Path, help=".npz files from predict --save-probs"
+    )
+    p.add_argument("--weights", default=None, help="comma-separated weight per file (default: equal)")
+    p.add_argument("--test", required=True, type=Path, help="test COCO json (row order and ids)")
+    p.add_argument("--out", required=True, type=Path)
+    _add_submission_args(p)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser(
+        "validate", help="check a submission CSV against the test set; exit 1 listing problems"
+    )
+    p.add_argument("submission", type=Path)
+    p.add_argument("--test", required=True, type=Path, help="test COCO json (expected ids and order)")
+    p.add_argument(
+        "--classes", type=int, default=len(BOOSTCAMP_CLASSES), help="number of classes (default 11)"
+    )
+    _add_submission_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "evaluate", help="out-of-fold mIoU per fold, per run, of a weighted multi-run ensemble"
+    )
+    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs trained on the same folds")
+    p.add_argument("--weights", default=None, help="comma-separated weight per run")
+    p.add_argument("--search-weights", action="store_true", help="grid-search run weights on OOF mIoU")
+    p.add_argument("--step", type=float, default=0.1, help="grid step of the weight search")
+    p.set_defaults(func=cmd_evaluate)
     return parser
+
+
+def _add_submission_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=("boostcamp", "rle"), default="boostcamp", help="submission format")
+    p.add_argument("--size", type=int, default=256, help="mask side in the CSV (0: native size)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         CheckpointError,
         NonFiniteLossError,
+        OSError,
     ) as exc:
         print(f"competition {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 
@@ -46,3 +48,29 @@ def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True
 
 def atomic_write_csv(path: str | os.PathLike, frame: pd.DataFrame, overwrite: bool = True) -> Path:
     return atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False), overwrite)
+
+
+class NpzStreamWriter:
+    """Write arrays one by one into an ``.npz`` (readable with ``np.load``) without holding them all, then
+    rename it into place; on an exception the partial file is removed and ``path`` is untouched."""
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = True):
+        self.path = check_writable(path, overwrite)
+
+    def __enter__(self) -> NpzStreamWriter:
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".tmp.npz", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.zip = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1)
+        return self
+
+    def put(self, name: str, array: np.ndarray) -> None:
+        with self.zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+
+    def __exit__(self, kind, *rest) -> None:
+        self.zip.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)

@@ -24,7 +24,6 @@ import contextlib
 import math
 import os
 import time
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from smp_unet3p.losses import DeepSupervisionLoss, get_loss
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .data.transforms import EpochSeeded, build_eval_transform, build_train_transform
-from .io import OutputExistsError, atomic_write, atomic_write_csv, atomic_write_text
+from .io import NpzStreamWriter, OutputExistsError, atomic_write, atomic_write_csv, atomic_write_text
 from .metrics import ConfusionMatrix
 
 
@@ -279,51 +278,38 @@ def evaluate(
 
 
 class OofWriter:
-    """Streams out-of-fold predictions into an ``.npz`` (one compressed array per image), atomically.
+    """Streams out-of-fold predictions into an ``.npz``: ``pred__<id>`` (float16 ``[C, h, w]`` probabilities,
+    or uint8 ``[h, w]`` argmax) and ``target__<id>`` (the mask at the same size), plus ``image_ids``.
 
-    ``mode="probs"``: float16 ``[C, h, w]`` class probabilities; ``"argmax"``: uint8 ``[h, w]``. With ``size``
-    the maps are resized to ``size x size`` (bilinear probabilities, then argmax) to keep files small.
-    Also stores ``target__<id>`` (the mask at the same size, nearest) so OOF scores need no data access.
+    With ``size`` the maps are resized to ``size x size`` (bilinear probabilities, nearest targets) to keep
+    files small; OOF scores then need no access to the data.
     """
 
     def __init__(self, path: Path, mode: str, size: int | None):
-        self.path, self.mode, self.size = path, mode, size
-        self._ctx = None
+        self.writer, self.mode, self.size, self.ids = NpzStreamWriter(path), mode, size, []
 
     def __enter__(self) -> OofWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.with_name(f".{self.path.stem}.tmp.npz")
-        self.zip = zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1)
-        self.ids: list[str] = []
+        self.writer.__enter__()
         return self
-
-    def _put(self, name: str, array: np.ndarray) -> None:
-        with self.zip.open(f"{name}.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
 
     def add(self, batch: dict[str, Any], logits: torch.Tensor) -> None:
         probs = logits.float().softmax(1)
         masks = batch["mask"].to(probs.device)
         if self.size is not None:
             probs = F.interpolate(probs, size=(self.size, self.size), mode="bilinear", align_corners=False)
-            masks = F.interpolate(masks[:, None].float(), size=(self.size, self.size), mode="nearest")[
-                :, 0
-            ].long()
+            masks = F.interpolate(masks[:, None].float(), size=(self.size, self.size), mode="nearest")
+            masks = masks[:, 0].long()
         for image_id, p, m in zip(batch["image_id"], probs.cpu(), masks.cpu()):
             key = str(image_id.item() if torch.is_tensor(image_id) else image_id)
             self.ids.append(key)
             value = p.half().numpy() if self.mode == "probs" else p.argmax(0).to(torch.uint8).numpy()
-            self._put(f"pred__{key}", value)
-            self._put(f"target__{key}", m.to(torch.uint8).numpy())
+            self.writer.put(f"pred__{key}", value)
+            self.writer.put(f"target__{key}", m.to(torch.uint8).numpy())
 
     def __exit__(self, kind: Any, *rest: Any) -> None:
         if kind is None:
-            self._put("image_ids", np.array(self.ids))
-        self.zip.close()
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+            self.writer.put("image_ids", np.array(self.ids))
+        self.writer.__exit__(kind, *rest)
 
 
 # -------------------------------------------------------------------------------------------- records

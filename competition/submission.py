@@ -1,0 +1,171 @@
+"""Submission CSVs and their validator.
+
+- ``boostcamp`` (default): columns ``image_id,PredictionString``; ``image_id`` is the test image's
+  ``file_name``, ``PredictionString`` the class ids of the mask resized (nearest) to ``size x size``,
+  flattened row-major and space-separated; rows in the order of the test json.
+- ``rle``: columns ``image_id,class_id,EncodedPixels``, one row per (image, foreground class present):
+  Kaggle run-length pairs ``start length`` with 1-based starts over the row-major flattened mask.
+
+The writer checks its own output with ``validate_submission`` before the atomic rename, so a broken file
+is never left in place of a good one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from .io import atomic_write
+
+FORMATS = ("boostcamp", "rle")
+COLUMNS = {"boostcamp": ["image_id", "PredictionString"], "rle": ["image_id", "class_id", "EncodedPixels"]}
+
+
+class SubmissionError(ValueError):
+    """A submission file breaks the format; the message lists the first problems."""
+
+
+def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:
+    """Nearest-neighbour resize of a class-index mask to ``size x size`` (``None``: unchanged)."""
+    if size is None or mask.shape == (size, size):
+        return mask
+    return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+
+
+def rle_encode(binary: np.ndarray) -> str:
+    """Run-length encoding (1-based ``start length`` pairs, row-major) of a binary mask."""
+    flat = np.concatenate([[0], binary.reshape(-1).astype(np.uint8), [0]])
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    changes[1::2] -= changes[::2]
+    return " ".join(map(str, changes))
+
+
+def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of ``rle_encode``; raises ``ValueError`` on odd, unsorted or out-of-bounds runs."""
+    values = (
+        np.array(rle.split(), dtype=np.int64)
+        if isinstance(rle, str) and rle.strip()
+        else np.zeros(0, np.int64)
+    )
+    if len(values) % 2:
+        raise ValueError("odd number of values in run-length string")
+    starts, lengths = values[0::2] - 1, values[1::2]
+    size = shape[0] * shape[1]
+    if (starts < 0).any() or (lengths <= 0).any() or (starts + lengths > size).any():
+        raise ValueError(f"run outside the {shape[0]}x{shape[1]} mask or of non-positive length")
+    if (starts[1:] < starts[:-1] + lengths[:-1]).any():
+        raise ValueError("runs overlap or are not sorted")
+    flat = np.zeros(size, np.uint8)
+    for s, n in zip(starts, lengths):
+        flat[s : s + n] = 1
+    return flat.reshape(shape)
+
+
+def submission_rows(
+    file_name: str, mask: np.ndarray, fmt: str = "boostcamp", size: int | None = 256
+) -> list[list]:
+    """The CSV rows of one image's class-index mask."""
+    mask = resize_mask(mask, size)
+    if fmt == "boostcamp":
+        return [[file_name, " ".join(map(str, mask.reshape(-1).tolist()))]]
+    return [[file_name, int(c), rle_encode(mask == c)] for c in np.unique(mask) if c != 0]
+
+
+def write_submission(
+    rows: Iterable[list],
+    path: str | os.PathLike,
+    expected_ids: Sequence[str],
+    classes: int,
+    fmt: str = "boostcamp",
+    size: int | None = 256,
+    overwrite: bool = False,
+) -> Path:
+    """Write rows atomically after validating them; an invalid result raises and leaves nothing behind."""
+    frame = pd.DataFrame(list(rows), columns=COLUMNS[fmt])
+
+    def write(tmp: Path) -> None:
+        frame.to_csv(tmp, index=False)
+        problems = validate_submission(tmp, expected_ids, classes, fmt, size)
+        if problems:
+            raise SubmissionError(f"refusing to write {path}: " + "; ".join(problems[:5]))
+
+    return atomic_write(path, write, overwrite)
+
+
+def validate_submission(
+    path: str | os.PathLike,
+    expected_ids: Sequence[str],
+    classes: int,
+    fmt: str = "boostcamp",
+    size: int | None = 256,
+    max_problems: int = 20,
+) -> list[str]:
+    """Every problem found (empty list = valid): columns, row count and order, ids, values, blanks."""
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown submission format {fmt!r}; choose from {FORMATS}")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        return [f"{path} is not a readable CSV: {exc}"]
+    problems: list[str] = []
+    if list(frame.columns) != COLUMNS[fmt]:
+        return [f"columns are {list(frame.columns)}, expected {COLUMNS[fmt]}"]
+    ids = frame["image_id"].tolist()
+    if fmt == "boostcamp":
+        if len(frame) != len(expected_ids):
+            problems.append(f"{len(frame)} rows, expected {len(expected_ids)} (one per test image)")
+        for row, (got, want) in enumerate(zip(ids, expected_ids), start=2):
+            if got != want:
+                problems.append(f"line {row}: image_id {got!r}, expected {want!r} (test.json order)")
+                break
+        n = size * size if size else None
+        for row, (image_id, text) in enumerate(zip(ids, frame["PredictionString"]), start=2):
+            problems += _check_prediction_string(row, image_id, text, n, classes)
+            if len(problems) >= max_problems:
+                break
+    else:
+        unknown = sorted(set(ids) - set(expected_ids))
+        if unknown:
+            problems.append(f"image ids not in the test set: {unknown[:5]}")
+        for row, (image_id, cls, text) in enumerate(
+            zip(ids, frame["class_id"], frame["EncodedPixels"]), start=2
+        ):
+            if not cls.isdigit() or not 0 < int(cls) < classes:
+                problems.append(f"line {row} ({image_id}): class_id {cls!r} not in [1, {classes})")
+            try:
+                rle_decode(text, (size, size))
+            except ValueError as exc:
+                problems.append(f"line {row} ({image_id}): {exc}")
+            if len(problems) >= max_problems:
+                break
+        dup = frame.duplicated(["image_id", "class_id"])
+        if dup.any():
+            problems.append(f"duplicate (image_id, class_id) rows, first at line {int(np.argmax(dup)) + 2}")
+    return problems[:max_problems]
+
+
+_INTEGERS = re.compile(r"\d+(?: \d+)*")
+
+
+def _check_prediction_string(row: int, image_id: str, text: str, n: int | None, classes: int) -> list[str]:
+    if not image_id.strip():
+        return [f"line {row}: blank image_id"]
+    if not text.strip():
+        return [f"line {row} ({image_id}): blank PredictionString"]
+    if not _INTEGERS.fullmatch(text):
+        bad = next(v for v in text.split(" ") if not v.isdigit())
+        return [f"line {row} ({image_id}): {bad!r} is not a non-negative integer (single spaces between)"]
+    count = text.count(" ") + 1
+    if n is not None and count != n:
+        return [f"line {row} ({image_id}): {count} values, expected {n}"]
+    top = int(np.array(text.split(" "), dtype=np.int64).max())
+    if top >= classes:
+        return [f"line {row} ({image_id}): class {top} >= {classes} classes"]
+    return []
