@@ -46,6 +46,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, device: str | torch.
     missing, unexpected = [], sorted(set(state) - set(own))
     if not misshaped:  # load_model knows which keys save_model dropped as aliases of shared tensors
         missing, unexpected = safetensors.torch.load_model(model, str(path), strict=False, device=str(device))
+        missing, unexpected = sorted(missing), sorted(unexpected)
     if missing or unexpected or misshaped:
         raise CheckpointError(
             f"{path} does not match the model (another architecture, encoder or class count?): "

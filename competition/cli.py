@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from .checkpoint import CheckpointError
 from .data.coco import BOOSTCAMP_CLASSES, ClassMap, CocoFormatError, MaskCache, load_coco, read_merge_map
 from .io import OutputExistsError, check_writable
@@ -191,6 +193,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        args.out, images=args.images, epochs=args.epochs, overrides=args.overrides, overwrite=args.overwrite
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="competition",
@@ -300,12 +311,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-weights", action="store_true", help="grid-search run weights on OOF mIoU")
     p.add_argument("--step", type=float, default=0.1, help="grid step of the weight search")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on a generated synthetic trash dataset (CPU, ~2 min)",
+        description="Generate a small synthetic trash COCO dataset, then prepare -> folds (k=3) -> train "
+        "each fold (configs/tiny_cpu.yaml) -> OOF evaluation -> predict with TTA -> submission.csv -> "
+        "validate.",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("demo_output"), help="output folder (default: ./demo_output)"
+    )
+    p.add_argument("--images", type=int, default=48, help="synthetic training images")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="epochs per fold (default: the tiny_cpu config's)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of configs/tiny_cpu.yaml")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
 def _add_submission_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("boostcamp", "rle"), default="boostcamp", help="submission format")
     p.add_argument("--size", type=int, default=256, help="mask side in the CSV (0: native size)")
+
+
+OOM_HINTS = {
+    "train": "lower train.batch_size (keep the effective batch with train.accum_steps), set train.amp=bf16, "
+    "train a smaller augment.size crop, or a lighter model (model.params.decoder_cat_channels=32)",
+    "predict": "lower --batch-size, use fewer TTA views/scales, --amp bf16, or --tile 512 (sliding window) "
+    "for large images",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except torch.OutOfMemoryError as exc:
+        print(
+            f"competition {args.command}: error: out of memory: {str(exc).splitlines()[0]}", file=sys.stderr
+        )
+        print(f"hint: {OOM_HINTS.get(args.command, OOM_HINTS['train'])}", file=sys.stderr)
+        return 1
     except (
         CocoFormatError,
         OutputExistsError,

@@ -164,6 +164,7 @@ class TrainConfig(_Section):
     nan_policy: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = Field(default=10, ge=0)
     deterministic: bool = False
+    checkpoint_every: int = Field(default=1, ge=1)
     oof: Literal["probs", "argmax", "none"] = "probs"
     oof_size: int | None = Field(default=None, ge=8)
     progress: bool = True

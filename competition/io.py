@@ -12,6 +12,12 @@ import numpy as np
 import pandas as pd
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 class OutputExistsError(FileExistsError):
     """An output file already exists and overwriting was not asked for."""
 
@@ -35,6 +41,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwri
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -71,6 +78,7 @@ class NpzStreamWriter:
     def __exit__(self, kind, *rest) -> None:
         self.zip.close()
         if kind is None:
+            os.chmod(self.tmp, 0o666 & ~_umask())
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)

@@ -5,7 +5,8 @@ Run directory ``<output_dir>/<name>/fold<k>/``:
 - ``config.yaml``: the resolved config (rebuilds the model for inference);
 - ``metrics.csv``: per epoch train/val loss, mIoU, per-class IoU, lr, seconds; ``curves.png``;
 - ``best.safetensors`` + ``best.json``: best validation mIoU weights (EMA weights when EMA is on);
-- ``last.ckpt``: model, optimizer, scheduler, scaler, EMA, epoch and RNG states for ``--resume``;
+- ``last.ckpt``: model, optimizer, scheduler, scaler, EMA, epoch and RNG states for ``--resume`` (every
+  ``train.checkpoint_every`` epochs and after the last);
 - ``oof.npz``: out-of-fold predictions of the best weights (one entry per validation image).
 
 Non-finite losses: ``train.nan_policy: stop`` (default) raises ``NonFiniteLossError`` naming the epoch and
@@ -488,20 +489,21 @@ def train_fold(
             frame = pd.DataFrame(rows)
             atomic_write_csv(run_dir / "metrics.csv", frame)
             write_curves(frame, run_dir / "curves.png")
-            ckpt.save_last(
-                last_path,
-                {
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "best": best,
-                    "skipped": skips,
-                    "rng": ckpt.rng_state(),
-                },
-            )
+            if (epoch + 1) % cfg.train.checkpoint_every == 0 or epoch + 1 == cfg.train.epochs:
+                ckpt.save_last(
+                    last_path,
+                    {
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "ema": ema.state_dict() if ema is not None else None,
+                        "best": best,
+                        "skipped": skips,
+                        "rng": ckpt.rng_state(),
+                    },
+                )
             tqdm.write(
                 f"fold {fold} epoch {epoch + 1}/{cfg.train.epochs}  train_loss {train_loss:.4f}  "
                 f"val_loss {val_loss:.4f}  mIoU {miou:.4f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"

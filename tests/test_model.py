@@ -219,3 +219,23 @@ def test_invalid_arguments():
 
 def test_version_exposed():
     assert smp_unet3p.__version__
+
+
+def test_upsample_after_conv_keeps_weights_interchangeable_and_saves_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    fast = Unet3Plus("resnet18", encoder_weights=None, classes=3, decoder_cat_channels=8).eval()
+    paper = Unet3Plus(
+        "resnet18", encoder_weights=None, classes=3, decoder_cat_channels=8, decoder_upsample_after_conv=False
+    ).eval()
+    paper.load_state_dict(fast.state_dict())  # same keys and shapes: checkpoints load into both orders
+    x = torch.rand(1, 3, 64, 64)
+    flops = []
+    with torch.no_grad():
+        for model in (fast, paper):
+            with FlopCounterMode(display=False) as counter:
+                out = model(x)
+            flops.append(counter.get_total_flops())
+            assert out.shape == (1, 3, 64, 64)
+        assert not torch.allclose(fast(x), paper(x))  # the order is real, not a no-op flag
+    assert flops[0] < 0.8 * flops[1]
