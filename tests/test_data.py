@@ -281,3 +281,12 @@ def test_cli_prepare_and_folds(tmp_path, capsys):
     assert table.groupby("group")["fold"].nunique().max() == 1 and len(table) == 9
     assert cli(["folds", *common, "--out", str(out), "--k", "3"]) == 1
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_duplicate_category_id_is_fatal_and_duplicate_annotation_id_warns(tmp_path):
+    cats = [{"id": 0, "name": "Paper"}, {"id": 0, "name": "Metal"}]
+    with pytest.raises(CocoFormatError, match="duplicate category id 0"):
+        load_coco(write_coco(tmp_path, categories=cats))
+    with pytest.warns(UserWarning, match="duplicate annotation id"):
+        coco = load_coco(write_coco(tmp_path, annotations=[ann(7, 0, SQUARE), ann(7, 0, SQUARE)]))
+    assert len(coco.annotations[1]) == 2  # both kept (TACO has such pairs on different, valid annotations)
