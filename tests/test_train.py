@@ -170,3 +170,17 @@ def test_ddp_two_gloo_processes_write_the_same_outputs(synthetic_data, trained_r
     assert list(ddp_metrics.columns) == list(one_metrics.columns)
     assert len(ddp_metrics) == 1 and np.isfinite(ddp_metrics["train_loss"]).all()
     assert "fold 0: best mIoU" in done.stdout
+
+
+def test_bf16_autocast_channels_last_accumulation_and_ema_train_cleanly(synthetic_data, tmp_path):
+    raw = tiny_config_dict(
+        synthetic_data, tmp_path, epochs=1, batch_size=2, accum_steps=2, amp="bf16", channels_last=True,
+        ema_decay=0.5, oof="argmax", oof_size=32,
+    )  # fmt: skip
+    result = train_fold(config_from_dict(raw), 0)
+    row = result.metrics.iloc[0]
+    assert np.isfinite([row["train_loss"], row["val_loss"], row["miou"]]).all()
+    assert json.loads((result.run_dir / "best.json").read_text())["ema"] is True
+    with np.load(result.run_dir / "oof.npz") as oof:
+        key = oof["image_ids"][0]
+        assert oof[f"pred__{key}"].dtype == np.uint8 and oof[f"pred__{key}"].shape == (32, 32)
