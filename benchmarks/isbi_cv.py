@@ -6,8 +6,8 @@ argmax), IoU of the membrane (class 0, black) and of the cell interior (class 1,
 throughput. The U-Net paper's 0.0611 is the challenge's pixel error on the hidden test set, scored by the
 organisers (their metric is not plain 1 - accuracy), so the comparison is indicative only.
 
-python benchmarks/isbi_cv.py --epochs 12 --crop 256             # CPU-sized budget (docs/benchmarks.md)
-python benchmarks/isbi_cv.py --epochs 60 --crop 512 --amp bf16  # GPU budget
+python benchmarks/isbi_cv.py --epochs 6 --crop 128 --workers 0   # the CPU budget in docs/benchmarks.md
+python benchmarks/isbi_cv.py --epochs 60 --crop 512 --amp bf16 --device cuda   # GPU budget
 """
 
 from __future__ import annotations
