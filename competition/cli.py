@@ -159,8 +159,9 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     ):
         mask = probs.argmax(0).astype(np.uint8)
         rows += submission_rows(info.file_name, mask, args.format, args.size or None)
+    expected = [info.file_name for info in coco.images.values()]
     path = write_submission(
-        rows, args.out, _test_ids(args.test), len(names), args.format, args.size or None, args.overwrite
+        rows, args.out, expected, len(names), args.format, args.size or None, args.overwrite
     )
     print(f"ensemble of {len(args.probs)} probability files -> {path} (validated)")
     return 0

@@ -18,6 +18,12 @@ def _umask() -> int:
     return mask
 
 
+def _publish(tmp: Path, path: Path) -> None:
+    """Give a finished temp file the usual permissions (mkstemp makes 0600) and rename it onto ``path``."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 class OutputExistsError(FileExistsError):
     """An output file already exists and overwriting was not asked for."""
 
@@ -41,8 +47,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], overwri
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        _publish(Path(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -78,7 +83,6 @@ class NpzStreamWriter:
     def __exit__(self, kind, *rest) -> None:
         self.zip.close()
         if kind is None:
-            os.chmod(self.tmp, 0o666 & ~_umask())
-            os.replace(self.tmp, self.path)
+            _publish(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)

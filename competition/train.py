@@ -109,16 +109,14 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 
 def class_names(cfg: Config) -> list[str]:
     """Class names of the run (index = class id, 0 = background)."""
-    from .data.coco import BOOSTCAMP_CLASSES, read_merge_map
+    from .data.coco import default_class_names, read_merge_map
 
     data = cfg.data
     if data.classes is not None:
         return list(data.classes)
     if data.format == "folder":
         return ["background", "foreground"]
-    if data.merge_map is not None:
-        return ["Background", *dict.fromkeys(read_merge_map(data.merge_map).values())]
-    return list(BOOSTCAMP_CLASSES)
+    return list(default_class_names(read_merge_map(data.merge_map) if data.merge_map else None))
 
 
 def read_folds_table(path: Path) -> pd.DataFrame:

@@ -107,6 +107,13 @@ def read_merge_map(path: str | os.PathLike) -> dict[str, str]:
     return mapping
 
 
+def default_class_names(merge_map: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The Boostcamp 11 classes, or with a merge map ``Background`` + its classes in order of appearance."""
+    if not merge_map:
+        return BOOSTCAMP_CLASSES
+    return ("Background", *dict.fromkeys(merge_map.values()))
+
+
 @dataclass(frozen=True)
 class ClassMap:
     """Class names (index = class id, 0 = background) and COCO category id -> class id."""
@@ -135,9 +142,7 @@ class ClassMap:
         map's class names in order of first appearance.
         """
         merge = {_norm(k): v for k, v in (merge_map or {}).items()}
-        if class_names is None:
-            class_names = BOOSTCAMP_CLASSES if not merge else ("Background", *dict.fromkeys(merge.values()))
-        names = tuple(class_names)
+        names = tuple(class_names) if class_names is not None else default_class_names(merge_map)
         index = {_norm(n): i for i, n in enumerate(names)}
         if len(index) != len(names):
             raise CocoFormatError(f"class names are not unique: {list(names)}")
