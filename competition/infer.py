@@ -8,7 +8,9 @@ that share a shape go through the model in one forward.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -307,15 +310,10 @@ def predict(
     write the submission (validated, atomic); optionally the probabilities (``save_probs``, float16 at
     ``probs_size``) for later multi-run ensembling, and overlay PNGs of the first ``overlays`` images.
     """
-    import contextlib
-    import time
-
-    from tqdm.auto import tqdm
-
     from .data.coco import load_coco, safe_join
     from .data.datasets import TestImageDataset, read_image
-    from .data.stats import overlay
-    from .io import NpzStreamWriter, atomic_write, check_writable
+    from .data.stats import save_overlay
+    from .io import NpzStreamWriter, check_writable
     from .submission import submission_rows, write_submission
 
     started = time.perf_counter()
@@ -345,11 +343,9 @@ def predict(
             if writer is not None:
                 writer.put(f"pred__{image_id}", resize_probs(probs, probs_size).half().numpy())
             if len(written) < overlays:
-                picture = overlay(read_image(safe_join(data_root, file_name)), mask, len(names))
                 target = overlay_dir / f"{Path(file_name).with_suffix('').as_posix().replace('/', '_')}.png"
-                target.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(target, lambda tmp, p=picture: cv2_write(tmp, p))
-                written.append(target)
+                image = read_image(safe_join(data_root, file_name))
+                written.append(save_overlay(target, image, mask, len(names)))
             bar.update()
         bar.close()
         if writer is not None:
@@ -367,10 +363,3 @@ def predict(
         "probs": Path(save_probs) if save_probs else None,
         "classes": names,
     }
-
-
-def cv2_write(path: Path, rgb: Any) -> None:
-    import cv2
-
-    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")

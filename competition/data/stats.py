@@ -72,8 +72,6 @@ def write_overlays(
     max_side: int = 768,
 ) -> list[Path]:
     """Overlay PNGs of the first ``count`` images with objects; mask-only pictures when images are absent."""
-    import cv2
-
     out_dir = Path(out_dir)
     written = []
     index = cache.index()
@@ -84,14 +82,23 @@ def write_overlays(
         mask = cache.load(row.image_id)
         path = safe_join(data_root, row.file_name)
         image = read_image(path) if path.is_file() else None
-        picture = overlay(image, mask, cache.class_map.num_classes)
-        scale = max_side / max(picture.shape[:2])
-        if scale < 1:
-            picture = cv2.resize(picture, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
         target = out_dir / f"overlay_{row.image_id}.png"
-        atomic_write(target, lambda tmp, p=picture: write_png(tmp, np.ascontiguousarray(p[:, :, ::-1])))
-        written.append(target)
+        written.append(save_overlay(target, image, mask, cache.class_map.num_classes, max_side))
     return written
+
+
+def save_overlay(
+    path: str | os.PathLike, image: np.ndarray | None, mask: np.ndarray, num_classes: int, max_side: int = 768
+) -> Path:
+    """Write ``overlay(image, mask)`` as a PNG (atomically), longer side shrunk to at most ``max_side``."""
+    import cv2
+
+    picture = overlay(image, mask, num_classes)
+    scale = max_side / max(picture.shape[:2])
+    if scale < 1:
+        picture = cv2.resize(picture, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: write_png(tmp, np.ascontiguousarray(picture[:, :, ::-1])))
 
 
 def write_statistics(cache: MaskCache, out_dir: str | os.PathLike) -> pd.DataFrame:
