@@ -135,12 +135,8 @@ def _device(name: str) -> str:
 
 
 def _test_ids(test: Path) -> list[str]:
-    import json
-
-    try:
-        return [img["file_name"] for img in json.loads(test.read_text())["images"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CocoFormatError(f"cannot read image file names from {test}: {exc}") from exc
+    """File names of a test COCO json in its order (the submission's expected ``image_id`` column)."""
+    return [info.file_name for info in load_coco(test, None).images.values()]
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:

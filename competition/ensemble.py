@@ -17,22 +17,13 @@ import pandas as pd
 import torch
 
 from .checkpoint import CheckpointError
-from .infer import fold_dirs
+from .infer import fold_dirs, normalize_weights
 from .metrics import ConfusionMatrix
-
-
-def _normalized(weights: Sequence[float] | None, count: int) -> np.ndarray:
-    w = np.ones(count) if weights is None else np.asarray(weights, dtype=np.float64)
-    if len(w) != count:
-        raise ValueError(f"{len(w)} weights for {count} inputs")
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"weights must be >= 0 with a positive sum, got {list(w)}")
-    return w / w.sum()
 
 
 def weighted_average(probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
     """``sum_i w_i p_i`` with weights normalised to sum 1 (float32)."""
-    w = _normalized(weights, len(probs))
+    w = normalize_weights(weights, len(probs))
     return sum(float(wi) * p.astype(np.float32) for wi, p in zip(w, probs))
 
 
@@ -79,7 +70,7 @@ def evaluate_oof(
 ) -> pd.DataFrame:
     """OOF mIoU of each run's folds, of each run's fold ensemble, and of the weighted multi-run ensemble."""
     runs = [Path(r) for r in runs]
-    w = _normalized(weights, len(runs))
+    w = normalize_weights(weights, len(runs))
     matrices: dict[tuple[str, str], ConfusionMatrix] = {}
 
     def add(name: str, fold: str, pred: np.ndarray, target: np.ndarray, classes: int) -> None:
@@ -142,7 +133,7 @@ def average_prob_files(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """``(key, weighted mean probs)`` for each key (test image id) from ``predict --save-probs`` files."""
     files = [np.load(p) for p in paths]
-    w = _normalized(weights, len(files))
+    w = normalize_weights(weights, len(files))
     for path, f in zip(paths, files):
         missing = [k for k in keys if f"pred__{k}" not in f.files]
         if missing:

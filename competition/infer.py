@@ -192,27 +192,33 @@ def sliding_window_probs(spec: ModelSpec, images: torch.Tensor, opts: InferenceO
     return (total / weight)[..., margin : margin + h, margin : margin + w]
 
 
+def normalize_weights(weights: Sequence[float] | None, count: int) -> np.ndarray:
+    """Ensemble weights for ``count`` members (``None``: equal), checked and scaled to sum 1."""
+    w = np.ones(count) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(w) != count:
+        raise ValueError(f"{len(w)} weights for {count} ensemble members")
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {list(w)}")
+    return w / w.sum()
+
+
 class Ensemble:
     """A weighted average of models' probabilities (weights normalised to sum 1)."""
 
     def __init__(self, specs: Sequence[ModelSpec], opts: InferenceOptions | None = None):
         if not specs:
             raise ValueError("an ensemble needs at least one model")
-        if any(s.weight < 0 for s in specs) or sum(s.weight for s in specs) <= 0:
-            raise ValueError(
-                f"ensemble weights must be >= 0 with a positive sum, got {[s.weight for s in specs]}"
-            )
+        self.weights = normalize_weights([s.weight for s in specs], len(specs))
         self.specs, self.opts = list(specs), opts or InferenceOptions()
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Probabilities ``[B, C, H, W]`` of raw ``[0, 1]`` images (each model normalises its own input)."""
-        total_weight = sum(s.weight for s in self.specs)
         out = None
-        for spec in self.specs:
-            if spec.weight == 0:
+        for spec, weight in zip(self.specs, self.weights):
+            if weight == 0:
                 continue
-            p = sliding_window_probs(spec, spec.normalize(images), self.opts) * (spec.weight / total_weight)
+            p = sliding_window_probs(spec, spec.normalize(images), self.opts) * float(weight)
             out = p if out is None else out + p
         return out
 
@@ -235,10 +241,9 @@ def load_specs(
 
     Returns the specs and the class names (which must agree across runs).
     """
-    if weights is not None and len(weights) != len(runs):
-        raise ValueError(f"{len(weights)} weights given for {len(runs)} runs")
+    run_weights = normalize_weights(weights, len(runs))  # checked before any model is loaded
     specs, names = [], None
-    for run, run_weight in zip(runs, weights or [1.0] * len(runs)):
+    for run, run_weight in zip(runs, run_weights):
         dirs = fold_dirs(run)
         for d in dirs:
             model, cfg, meta = ckpt.load_fold_model(d, device)
@@ -252,7 +257,7 @@ def load_specs(
                     model,
                     IMAGENET_MEAN if imagenet else None,
                     IMAGENET_STD if imagenet else None,
-                    weight=run_weight / len(dirs),
+                    weight=float(run_weight) / len(dirs),
                     name=f"{cfg.name}/{d.name}",
                 )
             )

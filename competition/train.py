@@ -231,6 +231,16 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def batch_to_device(
+    batch: dict[str, Any], device: torch.device, channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (optionally channels_last) and masks of a batch on ``device``."""
+    images = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch["mask"].to(device, non_blocking=True)
+
+
 def main_logits(output: Any) -> torch.Tensor:
     """The mask logits of any model output (tensor, smp ``(masks, labels)`` tuple or our train dict)."""
     if isinstance(output, torch.Tensor):
@@ -258,10 +268,7 @@ def evaluate(
     matrix = ConfusionMatrix(classes, cfg.loss.ignore_index, device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
-        if cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        masks = batch["mask"].to(device, non_blocking=True)
+        images, masks = batch_to_device(batch, device, cfg.train.channels_last)
         with autocast(device, cfg.train.amp):
             logits = main_logits(model(images)).float()
         loss_sum += torch.stack(
@@ -547,10 +554,7 @@ def _train_one_epoch(
     )
     optimizer.zero_grad(set_to_none=True)
     for step, batch in enumerate(bar):
-        images = batch["image"].to(device, non_blocking=True)
-        if cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        masks = batch["mask"].to(device, non_blocking=True)
+        images, masks = batch_to_device(batch, device, cfg.train.channels_last)
         sync = (step + 1) % accum == 0 or step + 1 == len(loader)
         no_sync = (
             train_model.no_sync if ddp.enabled and not sync and hasattr(train_model, "no_sync") else None
