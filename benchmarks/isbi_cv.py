@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 
 from competition.config import config_from_dict
-from competition.ensemble import iterate_oof
 from competition.metrics import ConfusionMatrix, binary_scores
+from competition.oof import OofRuns
 from competition.train import train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012_membrane"
@@ -100,7 +100,7 @@ def main() -> None:
         results = train(cfg, "all", overwrite=True)
         seconds = time.perf_counter() - started
         matrix = ConfusionMatrix(2, None)
-        for _, _, probs, target in iterate_oof([cfg.output_dir / cfg.name]):
+        for _, _, probs, target in OofRuns([cfg.output_dir / cfg.name]):
             matrix.update(torch.from_numpy(probs[0].argmax(0)), torch.from_numpy(target.astype(np.int64)))
         scores = binary_scores(matrix)
         img_s = np.mean([r.metrics["train_img_s"].mean() for r in results])

@@ -26,7 +26,7 @@ from competition.config import config_from_dict
 from competition.data.coco import BOOSTCAMP_CLASSES
 from competition.infer import InferenceOptions, parse_tta, predict
 from competition.io import atomic_write_text
-from competition.train import autocast, build_model
+from competition.runtime import autocast, build_model
 
 
 def make_run(root: Path, encoder: str, folds: int) -> Path:

@@ -16,8 +16,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .config import Config, config_from_dict
+from .config import Config, ConfigError, config_from_dict
 from .io import atomic_write, atomic_write_text
+from .runtime import build_model
 
 BEST_WEIGHTS, BEST_META, LAST, CONFIG_FILE = "best.safetensors", "best.json", "last.ckpt", "config.yaml"
 
@@ -121,8 +122,6 @@ def load_fold_model(
 
     Returns ``(model, config, best.json contents)``. Never downloads: encoder weights are not fetched.
     """
-    from .train import build_model
-
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
     meta_path = run_dir / BEST_META
@@ -132,3 +131,37 @@ def load_fold_model(
     model = build_model(cfg, len(meta["classes"]), pretrained=False)
     load_weights(model, run_dir / BEST_WEIGHTS, device)
     return model.to(device).eval(), cfg, meta
+
+
+def fold_dirs(path: str | os.PathLike) -> list[Path]:
+    """A fold directory itself, or the ``fold*`` directories (with a best checkpoint) of a run directory."""
+    path = Path(path)
+    if (path / BEST_META).is_file():
+        return [path]
+    folds = sorted(p for p in path.glob("fold*") if (p / BEST_META).is_file())
+    if not folds:
+        raise CheckpointError(f"no trained fold (fold*/{BEST_META}) in {path}")
+    return folds
+
+
+RESUME_CHECKED = ("data", "model", "loss", "optimizer", "scheduler", "augment")
+RESUME_CHECKED_TRAIN = ("batch_size", "accum_steps", "seed", "epochs")
+
+
+def check_resumable(cfg: Config, saved: Config, run_dir: str | os.PathLike) -> None:
+    """Resuming with another model, loss, optimizer or data would silently train something else: refuse,
+    listing the keys that differ from the run's ``config.yaml``."""
+    changed = [
+        f"{section}.{k}"
+        for section in RESUME_CHECKED
+        for k, v in getattr(cfg, section).model_dump().items()
+        if getattr(saved, section).model_dump()[k] != v
+    ]
+    changed += [
+        f"train.{k}" for k in RESUME_CHECKED_TRAIN if getattr(cfg.train, k) != getattr(saved.train, k)
+    ]
+    if changed:
+        raise ConfigError(
+            f"cannot resume {run_dir}: the config differs from its config.yaml in {changed}; resume with the "
+            "same settings or start over with --overwrite"
+        )

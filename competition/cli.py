@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,11 +63,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_folds(args: argparse.Namespace) -> int:
-    from .folds import build_folds, fold_summary, stratification_error, write_folds
+    from .folds import build_folds, fold_summary, read_groups, stratification_error, write_folds
 
     check_writable(args.out, args.overwrite)  # fail before the work, not after
     coco, class_map = _class_map(args)
-    table = build_folds(coco, class_map, args.k, args.seed, group_by_folder=args.group_by_folder)
+    groups = read_groups(args.groups) if args.groups else None
+    table = build_folds(coco, class_map, args.k, args.seed, args.group_by_folder, groups)
     write_folds(table, args.out, overwrite=args.overwrite)
     names = list(class_map.names[1:])
     print(fold_summary(table).to_string())
@@ -129,7 +131,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _device(name: str) -> str:
-    from .train import resolve_device
+    from .runtime import resolve_device
 
     return str(resolve_device(name))
 
@@ -140,21 +142,17 @@ def _test_ids(test: Path) -> list[str]:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from .data.coco import load_coco
     from .ensemble import average_prob_files
-    from .submission import submission_rows, write_submission
+    from .submission import mask_from_probs, submission_rows, write_submission
 
     coco = load_coco(args.test, None)
-    names = [str(n) for n in np.load(args.probs[0])["class_names"]]
     keys = [str(i) for i in coco.images]
+    size = args.size or None
+    names, averaged = average_prob_files(args.probs, keys, _floats(args.weights))
     rows = []
-    for (_, probs), info in zip(
-        average_prob_files(args.probs, keys, _floats(args.weights)), coco.images.values()
-    ):
-        mask = probs.argmax(0).astype(np.uint8)
-        rows += submission_rows(info.file_name, mask, args.format, args.size or None)
+    for (_, probs), info in zip(averaged, coco.images.values()):
+        rows += submission_rows(info.file_name, mask_from_probs(probs, size), args.format, size)
     expected = [info.file_name for info in coco.images.values()]
     path = write_submission(
         rows, args.out, expected, len(names), args.format, args.size or None, args.overwrite
@@ -183,9 +181,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     weights = _floats(args.weights)
     if args.search_weights:
-        weights, best, table = search_weights(args.runs, args.step)
-        print(table.head(10).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        print(f"best weights {[round(float(w), 3) for w in weights]}: OOF mIoU {best:.4f}")
+        found = search_weights(args.runs, args.step)
+        weights = found.weights
+        print(found.table.head(10).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(
+            f"best weights {[round(float(w), 3) for w in weights]}: OOF mIoU {found.in_sample:.4f} in-sample "
+            f"(measured on the images the weights were chosen on: optimistic); {found.nested:.4f} nested "
+            "(each fold scored with weights chosen on the other folds): expect the latter"
+        )
     print(evaluate_oof(args.runs, weights).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     return 0
 
@@ -226,7 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=5, help="number of folds")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
-        "--group-by-folder", action="store_true", help="keep each image folder (e.g. batch_01_vt) in one fold"
+        "--group-by-folder",
+        action="store_true",
+        help="keep each image folder in one fold (needs at least K folders)",
+    )
+    p.add_argument(
+        "--groups",
+        type=Path,
+        default=None,
+        help="CSV with columns file_name,group: images of one group (e.g. photos of one scene) share a fold",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing folds file")
     p.set_defaults(func=cmd_folds)
@@ -342,12 +353,25 @@ OOM_HINTS = {
 }
 
 
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as short ``warning: ...`` lines, one per line of the message (no source path, no code)."""
+    for text in str(message).splitlines():
+        if text.strip():
+            print(f"warning: {text.strip()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except torch.OutOfMemoryError as exc:

@@ -62,6 +62,10 @@ class DataConfig(_Section):
         return self
 
 
+# constructor params that change what a model returns in eval mode (the pipeline's contract: logits)
+OUTPUT_CHANGING_PARAMS = ("activation",)
+
+
 class ModelConfig(_Section):
     """Any smp architecture or ``unet3plus`` by name; ``params`` go to its constructor."""
 
@@ -75,9 +79,21 @@ class ModelConfig(_Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
-        from smp_unet3p.registry import _resolve
+        from smp_unet3p.registry import resolve_architecture
 
-        _resolve(value)  # raises with close names
+        resolve_architecture(value)  # raises with close names
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _logits_out(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in OUTPUT_CHANGING_PARAMS:
+            if value.get(key) is not None:
+                raise ValueError(
+                    f"params.{key}={value[key]!r} makes the model return probabilities, but the pipeline "
+                    "needs logits: losses take logits, and validation, OOF files and prediction turn them "
+                    "into probabilities in one place (softmax, or sigmoid for one channel). Remove the key."
+                )
         return value
 
     @field_validator("encoder_name")

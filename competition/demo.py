@@ -34,9 +34,10 @@ def run_demo(
     from .data.coco import ClassMap, MaskCache, load_coco
     from .data.stats import write_statistics
     from .data.synthetic import make_synthetic_dataset
-    from .ensemble import evaluate_oof, iterate_oof
+    from .ensemble import evaluate_oof
     from .folds import build_folds, fold_summary, write_folds
     from .infer import InferenceOptions, parse_tta, predict
+    from .oof import OofRuns
     from .submission import validate_submission
     from .train import train
 
@@ -92,7 +93,7 @@ def run_demo(
     oof = evaluate_oof([run])
     print(oof.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     oof_miou = float(oof.loc[oof["folds"] == "all folds", "miou"].iloc[0])
-    chance = _all_background_miou(iterate_oof([run]), class_map.num_classes)
+    chance = _all_background_miou(OofRuns([run]))
 
     stage("predict: fold ensemble x hflip TTA -> submission.csv (validated)")
     summary = predict(
@@ -135,14 +136,14 @@ def run_demo(
     return result
 
 
-def _all_background_miou(items: Any, classes: int) -> float:
+def _all_background_miou(oof: Any) -> float:
     """mIoU of predicting background everywhere on the OOF targets (the floor a model must beat)."""
     import torch
 
     from .metrics import ConfusionMatrix
 
-    matrix = ConfusionMatrix(classes)
-    for _, _, _, target in items:
+    matrix = ConfusionMatrix(oof.num_classes, oof.ignore_index)
+    for _, _, _, target in oof:
         t = torch.from_numpy(target.astype(np.int64))
         matrix.update(torch.zeros_like(t), t)
     return matrix.miou()

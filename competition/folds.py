@@ -1,14 +1,16 @@
 """Multilabel-stratified (optionally grouped) k-fold on per-image class presence.
 
 Stratification uses iterative-stratification's ``MultilabelStratifiedKFold`` (Sechidis et al., 2011). With
-groups (e.g. the ``batch_01_vt`` folder of each file), groups are stratified on their aggregated presence and
-every image of a group lands in the group's fold, so a group never straddles folds.
+groups, groups are stratified on their aggregated presence and every image of a group lands in the group's
+fold, so a group never straddles folds. Groups come from each file's folder (``--group-by-folder``) or from a
+CSV ``file_name,group`` (``--groups``): images that must not be split, such as several photos of one scene.
+There must be at least as many groups as folds (Boostcamp's three ``batch_*`` folders cannot make 5 folds).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -69,22 +71,54 @@ def stratification_error(presence: np.ndarray, folds: np.ndarray) -> np.ndarray:
     return np.abs(per_fold - overall).max(axis=0)
 
 
+def read_groups(path: str | os.PathLike) -> dict[str, str]:
+    """``file_name -> group`` from a CSV with those two columns."""
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"file_name", "group"} - set(table.columns)
+    if missing:
+        raise ValueError(f"groups file {path} lacks column(s) {sorted(missing)} (needs file_name,group)")
+    duplicated = table.loc[table["file_name"].duplicated(), "file_name"].tolist()
+    if duplicated:
+        raise ValueError(f"groups file {path} lists file names more than once: {duplicated[:5]}")
+    return dict(zip(table["file_name"], table["group"]))
+
+
 def build_folds(
     coco: CocoIndex,
     class_map: ClassMap,
     n_splits: int = 5,
     seed: int = 42,
     group_by_folder: bool = False,
+    groups: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
-    """Folds table: ``image_id, file_name, fold, group`` plus the presence columns."""
+    """Folds table: ``image_id, file_name, fold, group`` plus the presence columns.
+
+    ``group_by_folder`` groups by each file's folder; ``groups`` maps every file name to its group.
+    """
+    if group_by_folder and groups is not None:
+        raise ValueError("choose one grouping: --group-by-folder or --groups")
     table = presence_matrix(coco, class_map)
     names = list(class_map.names[1:])
-    table["group"] = (
-        [group_of(f) for f in table["file_name"]] if group_by_folder else table["image_id"].astype(str)
-    )
-    table["fold"] = make_folds(
-        table[names].to_numpy(), n_splits, seed, table["group"] if group_by_folder else None
-    )
+    grouped = group_by_folder or groups is not None
+    if groups is not None:
+        missing = [f for f in table["file_name"] if f not in groups]
+        if missing:
+            raise ValueError(f"the groups file has no group for {len(missing)} images: {missing[:5]}")
+        table["group"] = [groups[f] for f in table["file_name"]]
+    elif group_by_folder:
+        table["group"] = [group_of(f) for f in table["file_name"]]
+    else:
+        table["group"] = table["image_id"].astype(str)
+    count = table["group"].nunique()
+    if grouped and count < n_splits:
+        found = sorted(table["group"].unique())
+        raise ValueError(
+            f"{count} groups ({', '.join(found[:5])}{' ...' if count > 5 else ''}) cannot make "
+            f"{n_splits} folds: "
+            f"use --k {count} or fewer, give finer groups with --groups FILE.csv (columns file_name,group), "
+            "or split without groups"
+        )
+    table["fold"] = make_folds(table[names].to_numpy(), n_splits, seed, table["group"] if grouped else None)
     return table[["image_id", "file_name", "fold", "group", *names]]
 
 

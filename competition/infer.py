@@ -1,9 +1,11 @@
 """Inference: test-time augmentation, overlap-tile sliding window, fold/run ensembles of probabilities.
 
-Everything is averaged in probability space (softmax over classes; sigmoid for a 1-channel model), never as
-logits or argmaxes. A TTA view is undone exactly (flips and 90-degree rotations are their own inverse
-permutations; scaled views are resized back to the input size) before averaging. All views of a batch
-that share a shape go through the model in one forward.
+Everything is averaged in probability space (``runtime.to_probs``), never as logits or argmaxes, and
+probabilities are resized before the argmax (``submission.mask_from_probs``), never labels. A model trained
+with ``augment.eval_size`` predicts at that size, as it was validated, and its probabilities are resized
+back. A TTA view is undone exactly (flips and 90-degree rotations are their own inverse permutations; scaled
+views are resized back to the input size) before averaging. All views of a batch that share a shape go
+through the model in one forward.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .train import autocast, main_logits
+from .runtime import autocast, collate, normalize_weights, sample_id, to_probs
 
 VIEWS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")
 
@@ -80,7 +82,8 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
 
 @dataclass
 class ModelSpec:
-    """One model ready for inference: its input normalisation, stride and ensemble weight."""
+    """One model ready for inference: its input normalisation, input size (``eval_size``: the side it was
+    validated at; ``None``: native), stride and ensemble weight."""
 
     model: nn.Module
     mean: tuple[float, ...] | None = IMAGENET_MEAN
@@ -88,6 +91,7 @@ class ModelSpec:
     weight: float = 1.0
     multiple: int = 32
     name: str = "model"
+    input_size: int | None = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         if self.mean is None:
@@ -110,10 +114,6 @@ class InferenceOptions:
     channels_last: bool = False
 
 
-def to_probs(logits: torch.Tensor) -> torch.Tensor:
-    return logits.float().softmax(1) if logits.shape[1] > 1 else logits.float().sigmoid()
-
-
 @torch.no_grad()
 def tta_probs(spec: ModelSpec, images: torch.Tensor, opts: InferenceOptions) -> torch.Tensor:
     """Class probabilities ``[B, C, H, W]`` of normalised ``images``, averaged over every TTA view and scale.
@@ -133,7 +133,7 @@ def tta_probs(spec: ModelSpec, images: torch.Tensor, opts: InferenceOptions) -> 
             if opts.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with autocast(images.device, opts.amp):
-                probs = to_probs(main_logits(spec.model(batch)))
+                probs = to_probs(spec.model(batch))
             for view, p in zip(views, probs.split(len(images))):
                 p = invert_view(p, view)[..., :h, :w]
                 p = _resize(p, size)
@@ -192,16 +192,6 @@ def sliding_window_probs(spec: ModelSpec, images: torch.Tensor, opts: InferenceO
     return (total / weight)[..., margin : margin + h, margin : margin + w]
 
 
-def normalize_weights(weights: Sequence[float] | None, count: int) -> np.ndarray:
-    """Ensemble weights for ``count`` members (``None``: equal), checked and scaled to sum 1."""
-    w = np.ones(count) if weights is None else np.asarray(weights, dtype=np.float64)
-    if len(w) != count:
-        raise ValueError(f"{len(w)} weights for {count} ensemble members")
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {list(w)}")
-    return w / w.sum()
-
-
 class Ensemble:
     """A weighted average of models' probabilities (weights normalised to sum 1)."""
 
@@ -214,24 +204,16 @@ class Ensemble:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Probabilities ``[B, C, H, W]`` of raw ``[0, 1]`` images (each model normalises its own input)."""
-        out = None
+        out, size = None, tuple(images.shape[-2:])
         for spec, weight in zip(self.specs, self.weights):
             if weight == 0:
                 continue
-            p = sliding_window_probs(spec, spec.normalize(images), self.opts) * float(weight)
+            x = spec.normalize(images)
+            if spec.input_size is not None:
+                x = _resize(x, (spec.input_size, spec.input_size))
+            p = _resize(sliding_window_probs(spec, x, self.opts), size) * float(weight)
             out = p if out is None else out + p
         return out
-
-
-def fold_dirs(path: str | os.PathLike) -> list[Path]:
-    """A fold directory itself, or the ``fold*`` directories (with a best checkpoint) of a run directory."""
-    path = Path(path)
-    if (path / ckpt.BEST_META).is_file():
-        return [path]
-    folds = sorted(p for p in path.glob("fold*") if (p / ckpt.BEST_META).is_file())
-    if not folds:
-        raise ckpt.CheckpointError(f"no trained fold (fold*/{ckpt.BEST_META}) in {path}")
-    return folds
 
 
 def load_specs(
@@ -244,7 +226,7 @@ def load_specs(
     run_weights = normalize_weights(weights, len(runs))  # checked before any model is loaded
     specs, names = [], None
     for run, run_weight in zip(runs, run_weights):
-        dirs = fold_dirs(run)
+        dirs = ckpt.fold_dirs(run)
         for d in dirs:
             model, cfg, meta = ckpt.load_fold_model(d, device)
             if names is None:
@@ -259,6 +241,7 @@ def load_specs(
                     IMAGENET_STD if imagenet else None,
                     weight=float(run_weight) / len(dirs),
                     name=f"{cfg.name}/{d.name}",
+                    input_size=cfg.augment.eval_size,
                 )
             )
     return specs, list(names or [])
@@ -272,8 +255,7 @@ def iterate_predictions(
         images = batch["image"].to(device, non_blocking=True)
         probs = ensemble(images).cpu()
         for i, p in enumerate(probs):
-            image_id = batch["image_id"][i]
-            yield (image_id.item() if torch.is_tensor(image_id) else image_id), batch["file_name"][i], p
+            yield sample_id(batch["image_id"][i]), batch["file_name"][i], p
 
 
 def resize_probs(probs: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -282,8 +264,6 @@ def resize_probs(probs: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 def _loader(dataset: Any, sizes: set, batch_size: int, workers: int, device: Any) -> DataLoader:
-    from .train import collate
-
     return DataLoader(
         dataset,
         batch_size=batch_size if len(sizes) <= 1 else 1,  # mixed sizes: one image per batch
@@ -317,9 +297,9 @@ def predict(
     """
     from .data.coco import load_coco, safe_join
     from .data.datasets import TestImageDataset, read_image
-    from .data.stats import save_overlay
+    from .data.stats import save_panels
     from .io import NpzStreamWriter, check_writable
-    from .submission import submission_rows, write_submission
+    from .submission import mask_from_probs, submission_rows, write_submission
 
     started = time.perf_counter()
     opts = opts or InferenceOptions()
@@ -343,14 +323,15 @@ def predict(
     with probs_writer as writer:
         bar = tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress)
         for image_id, file_name, probs in iterate_predictions(ensemble, loader, device):
-            mask = probs.argmax(0).to(torch.uint8).numpy()
-            rows += submission_rows(file_name, mask, fmt, size)
+            probs = probs.half().float()  # the precision of saved probabilities: ensemble of them agrees
+            rows += submission_rows(file_name, mask_from_probs(probs, size), fmt, size)
             if writer is not None:
                 writer.put(f"pred__{image_id}", resize_probs(probs, probs_size).half().numpy())
             if len(written) < overlays:
                 target = overlay_dir / f"{Path(file_name).with_suffix('').as_posix().replace('/', '_')}.png"
                 image = read_image(safe_join(data_root, file_name))
-                written.append(save_overlay(target, image, mask, len(names)))
+                panels = [("prediction", mask_from_probs(probs, None))]
+                written.append(save_panels(target, image, panels, names, title=file_name))
             bar.update()
         bar.close()
         if writer is not None:

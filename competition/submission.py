@@ -6,6 +6,10 @@
 - ``rle``: columns ``image_id,class_id,EncodedPixels``, one row per (image, foreground class present):
   Kaggle run-length pairs ``start length`` with 1-based starts over the row-major flattened mask.
 
+Masks come from probabilities by one route (``mask_from_probs``): probabilities are resized to the submission
+size, rounded to float16 (the precision of saved probabilities) and then reduced by argmax. ``predict`` and
+``competition ensemble`` of the same probabilities therefore write the same CSV.
+
 The writer checks its own output with ``validate_submission`` before the atomic rename, so a broken file
 is never left in place of a good one.
 """
@@ -20,6 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
 from .io import atomic_write
 
@@ -29,6 +35,15 @@ COLUMNS = {"boostcamp": ["image_id", "PredictionString"], "rle": ["image_id", "c
 
 class SubmissionError(ValueError):
     """A submission file breaks the format; the message lists the first problems."""
+
+
+def mask_from_probs(probs: torch.Tensor | np.ndarray, size: int | None) -> np.ndarray:
+    """Class-index mask (uint8 ``[size, size]``; ``None``: native) of ``[C, H, W]`` probabilities: resize
+    the probabilities (bilinear), round them to float16, then take the argmax. Never resize labels."""
+    p = torch.as_tensor(probs, dtype=torch.float32)
+    if size is not None and tuple(p.shape[-2:]) != (size, size):
+        p = F.interpolate(p[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    return p.half().argmax(0).to(torch.uint8).numpy()
 
 
 def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:

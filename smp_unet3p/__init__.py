@@ -8,7 +8,7 @@ from . import losses
 from .decoders.unet3plus import Unet3Plus, Unet3PlusDecoder, Unet3PlusTrainOutput
 from .encoders import EncoderWeightsError, get_encoder, load_encoder_weights, read_state_dict
 from .modules.cgm import ClassificationGuidedModule, gate_logits, presence_from_mask
-from .registry import available_architectures, create_model, register
+from .registry import available_architectures, create_model, register, resolve_architecture
 
 register()
 
@@ -23,6 +23,7 @@ __all__ = [
     "presence_from_mask",
     "create_model",
     "available_architectures",
+    "resolve_architecture",
     "register",
     "get_encoder",
     "load_encoder_weights",

@@ -17,7 +17,7 @@ from ._names import did_you_mean
 from .decoders.unet3plus import Unet3Plus
 from .encoders import download_hint, is_local_weights, load_encoder_weights
 
-__all__ = ["register", "create_model", "available_architectures"]
+__all__ = ["register", "create_model", "available_architectures", "resolve_architecture"]
 
 OUR_ARCHITECTURES: dict[str, type[nn.Module]] = {"unet3plus": Unet3Plus}
 
@@ -37,7 +37,9 @@ def available_architectures() -> list[str]:
     return sorted({**smp.MODEL_ARCHITECTURES_MAPPING, **OUR_ARCHITECTURES})
 
 
-def _resolve(arch: str) -> type[nn.Module]:
+def resolve_architecture(arch: str) -> type[nn.Module]:
+    """The model class of an architecture name (case, ``-`` and ``_`` insensitive); an unknown name raises
+    ``ValueError`` listing close names and every available one."""
     table = {**smp.MODEL_ARCHITECTURES_MAPPING, **OUR_ARCHITECTURES}
     key = arch.lower().replace("-", "").replace("_", "")
     aliases = {k.replace("_", ""): v for k, v in table.items()}
@@ -60,7 +62,7 @@ def create_model(
     ``encoder_weights`` may also be a local ``.safetensors``/``.pth`` file or directory, for every
     architecture (loaded into ``model.encoder`` with strict key/shape checks).
     """
-    cls = _resolve(arch)
+    cls = resolve_architecture(arch)
     local = is_local_weights(encoder_weights)
     with download_hint(encoder_name, None if local else encoder_weights):
         model = cls(

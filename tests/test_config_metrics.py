@@ -7,7 +7,7 @@ import yaml
 
 from competition.config import ConfigError, apply_overrides, config_from_dict, load_config
 from competition.metrics import ConfusionMatrix, binary_scores
-from competition.train import lr_factor
+from competition.optim import lr_factor
 
 BASE = {"name": "x", "data": {"root": "d", "annotations": "d/a.json", "folds": "d/f.csv"}}
 

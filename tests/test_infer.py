@@ -208,7 +208,7 @@ def test_predict_ensemble_validate_evaluate_end_to_end(trained_run, synthetic_da
         meta = json.loads((r.run_dir / "best.json").read_text())
         row = table[(table["model"] == cfg.name) & (table["folds"] == f"fold{r.fold}")]
         assert float(row["miou"].iloc[0]) == pytest.approx(meta["miou"], abs=2e-3)  # float16 OOF probs
-    weights, best, grid = search_weights([run, run], step=0.5)
-    assert len(grid) == 3 and best == pytest.approx(
-        float(table[table["folds"] == "all folds"]["miou"].iloc[0])
-    )
+    found = search_weights([run, run], step=0.5)
+    single = float(table[table["folds"] == "all folds"]["miou"].iloc[0])
+    assert len(found.table) == 3 and found.in_sample == pytest.approx(single)
+    assert found.nested == pytest.approx(single)  # a run with itself: every weight scores the same

@@ -13,7 +13,8 @@ from competition.cli import main
 from competition.config import ConfigError, config_from_dict
 from competition.io import atomic_write_text
 from competition.metrics import ConfusionMatrix
-from competition.train import build_model, train_fold
+from competition.runtime import build_model
+from competition.train import train_fold
 from smp_unet3p.losses import DeepSupervisionLoss, available_losses, get_loss
 
 
@@ -88,7 +89,7 @@ def test_out_of_memory_gives_a_hint_not_a_traceback(synthetic_data, tmp_path, mo
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_module, "_train_one_epoch", oom)
+    monkeypatch.setattr(train_module.FoldRun, "train_epoch", oom)
     config = tmp_path / "c.yaml"
     import yaml
 

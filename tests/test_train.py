@@ -13,8 +13,10 @@ from conftest import tiny_config_dict
 
 from competition import checkpoint as ckpt
 from competition.config import ConfigError, config_from_dict
+from competition.data.splits import build_datasets
 from competition.io import OutputExistsError
-from competition.train import NonFiniteLossError, build_datasets, collate, evaluate, train_fold
+from competition.runtime import collate
+from competition.train import NonFiniteLossError, evaluate, train_fold
 from smp_unet3p.losses import DeepSupervisionLoss, get_loss
 
 
@@ -134,7 +136,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_saves_nothing(synthetic_data, tm
 
 def test_checkpoint_of_another_model_is_a_clear_error(trained_run):
     cfg, results = trained_run
-    from competition.train import build_model
+    from competition.runtime import build_model
 
     other = build_model(
         cfg.model_copy(update={"model": cfg.model.model_copy(update={"classes": None})}), 5, False

@@ -308,14 +308,13 @@ def load_coco(path: str | os.PathLike, data_root: str | os.PathLike | None = Non
                 "iscrowd": int(ann.get("iscrowd", 0)),
             }
         )
-    if index.issues:
-        shown = "\n  ".join(index.problems[:10])
-        more = f"\n  ... and {len(index.problems) - 10} more" if len(index.problems) > 10 else ""
-        warnings.warn(
-            f"{path}: {sum(index.issues.values())} annotation problems {dict(index.issues)}:"
-            f"\n  {shown}{more}",
-            stacklevel=2,
-        )
+    if index.issues:  # one line per problem (the first 10), then the count of each kind
+        lines = [f"{path.name}: {problem}" for problem in index.problems[:10]]
+        if len(index.problems) > 10:
+            lines.append(f"{path.name}: ... and {len(index.problems) - 10} more annotation problems")
+        kinds = ", ".join(f"{kind}: {count}" for kind, count in index.issues.items())
+        lines.append(f"{path}: {sum(index.issues.values())} annotation problems ({kinds})")
+        warnings.warn("\n".join(lines), stacklevel=2)
     return index
 
 

@@ -126,7 +126,12 @@ class MaskFolderDataset(Dataset):
             raise FileNotFoundError(
                 f"{len(missing)} images in {self.image_dir} have no mask in {self.mask_dir}: {missing[:10]}"
             )
-        self.stems = list(stems) if stems is not None else sorted(images, key=_natural_key)
+        self.stems = [str(s) for s in stems] if stems is not None else sorted(images, key=_natural_key)
+        unknown = [s for s in self.stems if s not in images]
+        if unknown:
+            raise FileNotFoundError(
+                f"{len(unknown)} image stems not found in {self.image_dir}: {unknown[:10]}"
+            )
         self.images, self.masks = images, masks
         if isinstance(value_map, str) and value_map != "binary":
             raise ValueError(f"value_map must be 'binary', a mapping or None, got {value_map!r}")

@@ -1,8 +1,10 @@
-"""Dataset statistics from a mask cache: per-class images and pixel shares (CSV + bar chart), overlays."""
+"""Dataset statistics from a mask cache: per-class images and pixel shares (CSV + bar chart); side-by-side
+image | label | prediction panels with a class legend (``save_panels``), used by prepare and predict."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..io import atomic_write, atomic_write_csv  # noqa: E402
-from .coco import MaskCache, safe_join, write_png  # noqa: E402
+from .coco import MaskCache, safe_join  # noqa: E402
 from .datasets import read_image  # noqa: E402
 
 
@@ -65,13 +67,10 @@ def overlay(image: np.ndarray | None, mask: np.ndarray, num_classes: int, alpha:
 
 
 def write_overlays(
-    cache: MaskCache,
-    data_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    count: int = 4,
-    max_side: int = 768,
+    cache: MaskCache, data_root: str | os.PathLike, out_dir: str | os.PathLike, count: int = 4
 ) -> list[Path]:
-    """Overlay PNGs of the first ``count`` images with objects; mask-only pictures when images are absent."""
+    """Image | label panels (``overlay_<id>.png``) of the first ``count`` images with objects; the label
+    alone when the image file is absent."""
     out_dir = Path(out_dir)
     written = []
     index = cache.index()
@@ -79,26 +78,52 @@ def write_overlays(
         index[[c for c in index.columns if c.startswith("px_") and c not in ("px_0",)]].sum(axis=1) > 0
     ]
     for row in labelled.head(count).itertuples():
-        mask = cache.load(row.image_id)
         path = safe_join(data_root, row.file_name)
         image = read_image(path) if path.is_file() else None
+        panels = [("label", cache.load(row.image_id))]
         target = out_dir / f"overlay_{row.image_id}.png"
-        written.append(save_overlay(target, image, mask, cache.class_map.num_classes, max_side))
+        written.append(save_panels(target, image, panels, cache.class_map.names, title=row.file_name))
     return written
 
 
-def save_overlay(
-    path: str | os.PathLike, image: np.ndarray | None, mask: np.ndarray, num_classes: int, max_side: int = 768
+def save_panels(
+    path: str | os.PathLike,
+    image: np.ndarray | None,
+    panels: Sequence[tuple[str, np.ndarray]],
+    class_names: Sequence[str],
+    title: str | None = None,
+    panel_px: int = 360,
 ) -> Path:
-    """Write ``overlay(image, mask)`` as a PNG (atomically), longer side shrunk to at most ``max_side``."""
-    import cv2
+    """One PNG, side by side: the image, then each ``(title, class mask)`` blended on it, with a legend of
+    the classes shown (colour per class id, as ``palette``). Every panel is ``panel_px`` wide whatever the
+    image size (small images are enlarged without smoothing)."""
+    from matplotlib.patches import Patch
 
-    picture = overlay(image, mask, num_classes)
-    scale = max_side / max(picture.shape[:2])
-    if scale < 1:
-        picture = cv2.resize(picture, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    height, width = panels[0][1].shape[:2]
+    colours = palette(len(class_names))
+    pictures = ([("image", image)] if image is not None else []) + [
+        (name, overlay(image, mask, len(class_names))) for name, mask in panels
+    ]
+    inches = panel_px / 100
+    fig, axes = plt.subplots(
+        1, len(pictures), figsize=(inches * len(pictures), inches * height / width + 1.0), squeeze=False
+    )
+    for ax, (name, picture) in zip(axes[0], pictures):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_axis_off()
+    shown = sorted({int(c) for _, mask in panels for c in np.unique(mask)} - {0})
+    label = {255: "ignore", **dict(enumerate(class_names))}
+    handles = [Patch(color=colours[c] / 255, label=label.get(c, str(c))) for c in shown]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.12 if handles else 0, 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write(path, lambda tmp: write_png(tmp, np.ascontiguousarray(picture[:, :, ::-1])))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    plt.close(fig)
+    return Path(path)
 
 
 def write_statistics(cache: MaskCache, out_dir: str | os.PathLike) -> pd.DataFrame:

@@ -11,7 +11,8 @@ from .msssim import MSSSIMLoss
 
 
 class WeightedSum(nn.Module):
-    """Weighted sum of named losses, with the terms kept for logging (``last_terms``)."""
+    """Weighted sum of named losses, with the terms kept for logging (``last_terms``: detached tensors, so
+    the training step never waits for the device to read them)."""
 
     def __init__(self, terms: dict[str, nn.Module], weights: dict[str, float] | None = None):
         super().__init__()
@@ -22,13 +23,13 @@ class WeightedSum(nn.Module):
             raise ValueError(
                 f"weights given for unknown loss terms {sorted(unknown)}; terms: {sorted(terms)}"
             )
-        self.last_terms: dict[str, float] = {}
+        self.last_terms: dict[str, torch.Tensor] = {}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         total = logits.new_zeros(())
         for name, term in self.terms.items():
             value = term(logits, target)
-            self.last_terms[name] = float(value.detach())
+            self.last_terms[name] = value.detach()
             total = total + self.weights[name] * value
         return total
 

@@ -151,35 +151,44 @@ class Unet3Plus(SegmentationModel):
         align = False if self.interpolation_mode in ("bilinear", "bicubic") else None
         return F.interpolate(x, size=size, mode=self.interpolation_mode, align_corners=align)
 
-    def forward(self, x: torch.Tensor):
+    def raw_outputs(self, x: torch.Tensor) -> Unet3PlusTrainOutput:
+        """Every head's output before CGM gating and activation, in any mode: ``masks`` (ungated logits),
+        ``presence`` and ``labels`` when those heads exist, ``side_masks`` in train mode with deep
+        supervision. Validation losses use this (a gated logit is offset by -1e4); ``finalize`` turns it
+        into the eval output.
+        """
         if not (torch.jit.is_scripting() or torch.jit.is_tracing() or is_torch_compiling()):
             self.check_input_shape(x)
 
         features = self.encoder(x)
         stages = self.decoder(features)
-        masks = self.segmentation_head(stages[0])
-        presence = self.cgm(features[-1]) if self.cgm is not None else None
-        labels = self.classification_head(features[-1]) if self.classification_head is not None else None
+        out: Unet3PlusTrainOutput = {"masks": self.segmentation_head(stages[0])}
+        if self.training and self.side_heads is not None:
+            size = (x.shape[-2], x.shape[-1])
+            out["side_masks"] = [
+                self._upsample(head(f), size) for head, f in zip(self.side_heads, stages[1:])
+            ]
+        if self.cgm is not None:
+            out["presence"] = self.cgm(features[-1])
+        if self.classification_head is not None:
+            out["labels"] = self.classification_head(features[-1])
+        return out
 
-        if self.training and (self.side_heads is not None or presence is not None):
-            out: Unet3PlusTrainOutput = {"masks": masks}
-            if self.side_heads is not None:
-                size = (x.shape[-2], x.shape[-1])
-                out["side_masks"] = [
-                    self._upsample(head(f), size) for head, f in zip(self.side_heads, stages[1:])
-                ]
-            if presence is not None:
-                out["presence"] = presence
-            if labels is not None:
-                out["labels"] = labels
-            return out
-
-        if presence is not None:
-            masks = gate_logits(masks, presence, self.cgm_gate, self.cgm_threshold)
+    def finalize(self, out: Unet3PlusTrainOutput):
+        """The eval output of ``raw_outputs``: CGM-gated masks, then ``activation`` (+ ``labels``)."""
+        masks = out["masks"]
+        if "presence" in out:
+            masks = gate_logits(masks, out["presence"], self.cgm_gate, self.cgm_threshold)
         masks = self.activation(masks)
-        if labels is not None:
-            return masks, labels
+        if "labels" in out:
+            return masks, out["labels"]
         return masks
+
+    def forward(self, x: torch.Tensor):
+        out = self.raw_outputs(x)
+        if self.training and (self.side_heads is not None or self.cgm is not None):
+            return out
+        return self.finalize(out)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, **kwargs: Any):

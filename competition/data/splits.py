@@ -1,0 +1,130 @@
+"""The training and validation data of one fold: a folds CSV, checked against the data it was made from.
+
+A folds CSV (written by ``competition folds``) has ``image_id``, ``file_name`` and ``fold`` columns. COCO
+image ids are local to one json, so the ``file_name`` of every row must be the file name the annotations give
+that id: a folds file made from another json is refused instead of silently training on other images. For
+folder data ``image_id`` is the file stem, read as text (``"001"`` stays ``"001"``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from torch.utils.data import Dataset
+
+from ..config import Config, ConfigError
+from ..runtime import Dist, class_names
+from .transforms import build_eval_transform, build_train_transform
+
+
+class FoldsMismatchError(ConfigError):
+    """A folds file does not belong to the annotations (or image folder) it is used with."""
+
+
+def read_folds_table(path: str | os.PathLike) -> pd.DataFrame:
+    """A folds CSV with ``image_id`` (text) and integer ``fold`` columns, checked for duplicates."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"folds file {path} not found (data.folds); make it with `competition folds`")
+    table = pd.read_csv(path, dtype={"image_id": str, "file_name": str})
+    missing = {"image_id", "fold"} - set(table.columns)
+    if missing:
+        raise ConfigError(f"folds file {path} lacks column(s) {sorted(missing)}")
+    if not pd.api.types.is_integer_dtype(table["fold"]):
+        raise ConfigError(f"folds file {path}: column 'fold' must hold integers")
+    duplicated = table.loc[table["image_id"].duplicated(), "image_id"].tolist()
+    if duplicated:
+        raise ConfigError(f"folds file {path} lists image ids more than once: {duplicated[:5]}")
+    return table
+
+
+def parse_folds(spec: str, folds_file: str | os.PathLike) -> list[int]:
+    """``"all"`` (every fold of the folds file) or comma-separated fold numbers."""
+    if spec == "all":
+        return sorted(int(f) for f in read_folds_table(folds_file)["fold"].unique())
+    parts = [p.strip() for p in spec.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise ConfigError(f"--fold must be 'all' or fold numbers like 0,2; got {spec!r}")
+    return [int(p) for p in parts]
+
+
+def check_file_names(table: pd.DataFrame, actual: dict[str, str], path: Path, source: str) -> None:
+    """Every ``image_id`` of ``table`` must be in ``actual`` (id -> file name) with the same ``file_name``."""
+    unknown = [i for i in table["image_id"] if i not in actual]
+    if unknown:
+        raise FoldsMismatchError(
+            f"folds file {path} names {len(unknown)} image ids that {source} does not have "
+            f"({unknown[:5]}): it was made for other data; remake it with `competition folds`"
+        )
+    if "file_name" not in table.columns:
+        return
+    wrong = [
+        f"{i}: {listed!r} vs {actual[i]!r}"
+        for i, listed in zip(table["image_id"], table["file_name"])
+        if listed != actual[i]
+    ]
+    if wrong:
+        raise FoldsMismatchError(
+            f"folds file {path} does not belong to {source}: {len(wrong)} image ids name other files "
+            f"(folds file vs data: {wrong[:3]}). COCO ids are local to one json; remake the folds file "
+            "with `competition folds` on these annotations"
+        )
+
+
+def read_folds(cfg: Config, fold: int, actual: dict[str, str], source: str) -> tuple[list[str], list[str]]:
+    """Train ids and validation ids (text) of ``fold``, after checking the file against the data."""
+    path = Path(cfg.data.folds)
+    table = read_folds_table(path)
+    if cfg.data.format == "coco" and "file_name" not in table.columns:
+        raise FoldsMismatchError(
+            f"folds file {path} has no file_name column: it is what ties each COCO image_id to its image "
+            "(ids are local to one json). Make the file with `competition folds` or add the column"
+        )
+    check_file_names(table, actual, path, source)
+    folds = sorted(table["fold"].unique())
+    if fold not in folds:
+        raise ConfigError(f"fold {fold} not in {path} (folds: {folds})")
+    val = table["fold"] == fold
+    return table.loc[~val, "image_id"].tolist(), table.loc[val, "image_id"].tolist()
+
+
+def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Dataset, Dataset, list[str]]:
+    """Training (augmented) and validation datasets of one fold, and the class names.
+
+    With ``dist`` only rank 0 builds the mask cache while the others wait.
+    """
+    names = class_names(cfg)
+    train_tf, eval_tf = build_train_transform(cfg.augment), build_eval_transform(cfg.augment)
+    if cfg.data.format == "folder":
+        from .datasets import MaskFolderDataset
+
+        every = MaskFolderDataset(cfg.data.image_dir, cfg.data.mask_dir)
+        actual = {stem: path.name for stem, path in every.images.items()}
+        train_ids, val_ids = read_folds(cfg, fold, actual, str(cfg.data.image_dir))
+
+        def make(ids: list[Any], tf: Any) -> Dataset:
+            return MaskFolderDataset(cfg.data.image_dir, cfg.data.mask_dir, tf, cfg.data.value_map, ids)
+
+        return make(train_ids, train_tf), make(val_ids, eval_tf), names
+
+    from .coco import ClassMap, MaskCache, load_coco, read_merge_map
+    from .datasets import CocoSegmentationDataset
+
+    coco = load_coco(cfg.data.annotations, cfg.data.root)
+    actual = {str(i): info.file_name for i, info in coco.images.items()}
+    train_ids, val_ids = read_folds(cfg, fold, actual, str(cfg.data.annotations))
+    merge = read_merge_map(cfg.data.merge_map) if cfg.data.merge_map else None
+    class_map = ClassMap.build(coco.categories, names, merge, source=str(cfg.data.annotations))
+    cache = MaskCache(coco, class_map, cfg.data.cache_dir or cfg.data.root / ".mask_cache", cfg.data.crowd)
+    if dist is None or dist.main:
+        cache.build(progress=cfg.train.progress)
+    if dist is not None:
+        dist.barrier()
+    return (
+        CocoSegmentationDataset(cache, cfg.data.root, [int(i) for i in train_ids], train_tf),
+        CocoSegmentationDataset(cache, cfg.data.root, [int(i) for i in val_ids], eval_tf),
+        names,
+    )

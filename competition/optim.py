@@ -1,0 +1,44 @@
+"""Optimizer and learning-rate schedule of a config."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import Config
+
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW/Adam/SGD; no weight decay on norm layers and biases (1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optimizer.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True)
+    return (torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam)(groups, lr=o.lr)
+
+
+def lr_factor(cfg: Config, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base lr after ``step`` optimizer steps: linear warm-up, then cosine/poly/constant."""
+    s = cfg.scheduler
+    warmup = int(round(s.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    if s.name == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if s.name == "cosine" else (1 - progress) ** s.power
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * shape
+
+
+def build_scheduler(
+    cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``lr_factor`` per optimizer step over the whole run (``train.epochs * steps_per_epoch`` steps)."""
+    total = steps_per_epoch * cfg.train.epochs
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, total, steps_per_epoch))

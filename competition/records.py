@@ -1,0 +1,62 @@
+"""What a fold's training leaves for people to read: ``best.json``, the epoch line, ``curves.png``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .config import Config
+from .io import atomic_write
+
+
+def best_meta(cfg: Config, fold: int, names: list[str], row: dict[str, Any], ema: bool) -> dict[str, Any]:
+    """``best.json``: the fold, epoch and scores of the best weights, and what rebuilds their inputs."""
+    iou = {n: (None if math.isnan(row[f"iou_{n}"]) else float(row[f"iou_{n}"])) for n in names}
+    return {
+        "fold": fold,
+        "epoch": row["epoch"],
+        "miou": row["miou"],
+        "iou": iou,
+        "classes": names,
+        "arch": cfg.model.arch,
+        "encoder_name": cfg.model.encoder_name,
+        "ema": ema,
+        "normalize": cfg.augment.normalize,
+        "eval_size": cfg.augment.eval_size,
+    }
+
+
+def epoch_line(fold: int, epochs: int, row: dict[str, Any], improved: bool) -> str:
+    """The one summary line printed after each epoch."""
+    return (
+        f"fold {fold} epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f}  "
+        f"val_loss {row['val_loss']:.4f}  mIoU {row['miou']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
+        + ("  *best" if improved else "")
+    )
+
+
+def write_curves(metrics: pd.DataFrame, path: Path) -> None:
+    """Loss, mIoU and learning-rate curves of one fold as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(metrics["epoch"], metrics["train_loss"], label="train")
+    axes[0].plot(metrics["epoch"], metrics["val_loss"], label="val")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].plot(metrics["epoch"], metrics["miou"], marker="o")
+    axes[1].set_title("validation mIoU")
+    axes[2].plot(metrics["epoch"], metrics["lr"])
+    axes[2].set_title("learning rate (end of epoch)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90))
+    plt.close(fig)

@@ -1,0 +1,195 @@
+"""What every stage shares: the device and this process's DDP place, autocast, batching, the model of a
+config, and the output contract.
+
+**The output contract.** A model in eval mode returns logits ``[B, C, H, W]`` at input size (smp's
+``(masks, labels)`` tuple with ``aux_params``). ``to_probs`` is the one place logits become probabilities:
+softmax over classes for ``C > 1``; for a 1-channel model sigmoid, returned as ``[1 - p, p]`` so a
+probability map always has one channel per class name (background first) and its argmax is the class.
+Validation, out-of-fold files, prediction and ensembling all go through it; model parameters that would make
+eval return probabilities already (``activation``) are refused when the config loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data._utils.collate import default_collate
+
+from smp_unet3p import create_model
+
+from .config import Config, ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` (CUDA when available) or any torch device name."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Dist:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def any(self, flag: torch.Tensor) -> bool:
+        """True when ``flag`` (a bool tensor) is true on any rank: every rank takes the same decision."""
+        if not self.enabled:
+            return bool(flag)
+        value = flag.to(torch.int32).reshape(1)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value)
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the process group ``torchrun`` describes in the environment (NCCL on GPU, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), resolve_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world, local_rank), device
+
+
+def autocast(device: torch.device | str, amp: str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``amp`` in ``bf16`` / ``fp16``; nothing for ``none``."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate`` with a clear error for images of different sizes in one batch."""
+    sizes = {tuple(b["image"].shape[-2:]) for b in batch}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"images of different sizes {sorted(sizes)} in one batch ({[b['file_name'] for b in batch]}); "
+            "set augment.size (training crop) and augment.eval_size (validation resize), or batch size 1"
+        )
+    return default_collate(batch)
+
+
+def batch_to_device(
+    batch: dict[str, Any], device: torch.device, channels_last: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (optionally channels_last) and masks of a batch on ``device``."""
+    images = batch["image"].to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, batch["mask"].to(device, non_blocking=True)
+
+
+def sample_id(value: Any) -> str:
+    """A batch's ``image_id`` entry as the string used in every file we write."""
+    return str(value.item() if torch.is_tensor(value) else value)
+
+
+def main_logits(output: Any) -> torch.Tensor:
+    """The mask logits of any model output (tensor, smp ``(masks, labels)`` tuple or our train dict)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output["masks"]
+
+
+def to_probs(output: Any, classes: int | None = None) -> torch.Tensor:
+    """Class probabilities ``[B, classes, H, W]`` (float32) of any model output's logits (module docstring).
+
+    ``classes`` (optional) is checked against the model's channels: ``C`` or, for a 1-channel model, 2.
+    """
+    logits = main_logits(output).float()
+    if logits.shape[1] == 1:
+        p = logits.sigmoid()
+        probs = torch.cat([1.0 - p, p], dim=1)
+    else:
+        probs = logits.softmax(1)
+    if classes is not None and probs.shape[1] != classes:
+        raise ValueError(f"the model outputs {logits.shape[1]} channels for {classes} classes")
+    return probs
+
+
+def eval_outputs(model: nn.Module, images: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """``(loss output, logits)`` of an eval-mode forward.
+
+    The logits are the model's eval output (CGM-gated for ``Unet3Plus``): what inference predicts. The loss
+    output holds the ungated main logits (and CGM presence) for the validation loss: a gated logit of an
+    absent class is offset by -1e4, which would make the loss meaningless.
+    """
+    raw = getattr(model, "raw_outputs", None)
+    if raw is None:
+        output = model(images)
+        return output, main_logits(output)
+    outputs = raw(images)
+    return outputs, main_logits(model.finalize(outputs))
+
+
+def build_model(cfg: Config, classes: int, pretrained: bool = True) -> nn.Module:
+    """The configured model; ``pretrained=False`` skips encoder weights (they come from a checkpoint)."""
+    if cfg.model.classes is not None and cfg.model.classes != classes:
+        raise ConfigError(f"model.classes={cfg.model.classes} but the data has {classes} classes")
+    return create_model(
+        cfg.model.arch,
+        cfg.model.encoder_name,
+        encoder_weights=cfg.model.encoder_weights if pretrained else None,
+        in_channels=cfg.model.in_channels,
+        classes=classes,
+        **cfg.model.params,
+    )
+
+
+def class_names(cfg: Config) -> list[str]:
+    """Class names of the run (index = class id, 0 = background)."""
+    from .data.coco import default_class_names, read_merge_map
+
+    data = cfg.data
+    if data.classes is not None:
+        return list(data.classes)
+    if data.format == "folder":
+        return ["background", "foreground"]
+    return list(default_class_names(read_merge_map(data.merge_map) if data.merge_map else None))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside ``torch.compile`` and ``DistributedDataParallel`` wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def normalize_weights(weights: Sequence[float] | None, count: int) -> np.ndarray:
+    """Ensemble weights for ``count`` members (``None``: equal), checked and scaled to sum 1."""
+    w = np.ones(count) if weights is None else np.asarray(weights, dtype=np.float64)
+    if len(w) != count:
+        raise ValueError(f"{len(w)} weights for {count} ensemble members")
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {list(w)}")
+    return w / w.sum()

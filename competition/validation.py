@@ -1,0 +1,47 @@
+"""The validation loop: loss and confusion matrix of a loader, each batch's probabilities to a callback."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .config import Config
+from .metrics import ConfusionMatrix
+from .runtime import autocast, batch_to_device, eval_outputs, to_probs
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    criterion: nn.Module,
+    classes: int,
+    device: torch.device,
+    cfg: Config,
+    on_batch: Callable[[dict[str, Any], torch.Tensor], None] | None = None,
+    all_reduce: bool = True,
+) -> tuple[float, ConfusionMatrix]:
+    """Mean validation loss (on ungated logits) and the confusion matrix of the whole loader (summed over
+    DDP ranks when ``all_reduce``). ``on_batch(batch, probs)`` sees each batch's probabilities."""
+    model.eval()
+    matrix = ConfusionMatrix(classes, cfg.loss.ignore_index, device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in loader:
+        images, masks = batch_to_device(batch, device, cfg.train.channels_last)
+        with autocast(device, cfg.train.amp):
+            loss_output, logits = eval_outputs(model, images)
+            loss = criterion(loss_output, masks)
+        loss_sum += torch.stack([loss.double() * len(images), loss_sum.new_tensor(len(images))])
+        probs = to_probs(logits, classes)
+        matrix.update(probs.argmax(1), masks)
+        if on_batch is not None:
+            on_batch(batch, probs)
+    if all_reduce and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loss_sum)
+        matrix.all_reduce()
+    return float(loss_sum[0] / loss_sum[1].clamp(min=1)), matrix
