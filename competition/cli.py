@@ -63,12 +63,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_folds(args: argparse.Namespace) -> int:
+    from .data.splits import read_exclude
     from .folds import build_folds, fold_summary, read_groups, stratification_error, write_folds
 
     check_writable(args.out, args.overwrite)  # fail before the work, not after
     coco, class_map = _class_map(args)
     groups = read_groups(args.groups) if args.groups else None
-    table = build_folds(coco, class_map, args.k, args.seed, args.group_by_folder, groups)
+    files = [info.file_name for info in coco.images.values()]
+    exclude = read_exclude(args.exclude, files) if args.exclude else None
+    table = build_folds(coco, class_map, args.k, args.seed, args.group_by_folder, groups, exclude)
+    if exclude:
+        print(f"left out {len(exclude)} images listed in {args.exclude}")
     write_folds(table, args.out, overwrite=args.overwrite)
     names = list(class_map.names[1:])
     print(fold_summary(table).to_string())
@@ -120,6 +125,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=_device(args.device),
         overwrite=args.overwrite,
+        postprocess=args.postprocess,
     )
     print(
         f"{summary['images']} images x {summary['models']} models x {summary['views']} views in "
@@ -143,21 +149,27 @@ def _test_ids(test: Path) -> list[str]:
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
     from .data.coco import load_coco
-    from .ensemble import average_prob_files
-    from .submission import mask_from_probs, submission_rows, write_submission
+    from .ensemble import load_weights, read_prob_files
+    from .postprocess import PostProcess
+    from .submission import submission_rows, write_submission
+    from .voting import vote_mask
 
     coco = load_coco(args.test, None)
-    keys = [str(i) for i in coco.images]
     size = args.size or None
-    names, averaged = average_prob_files(args.probs, keys, _floats(args.weights))
-    rows = []
-    for (_, probs), info in zip(averaged, coco.images.values()):
-        rows += submission_rows(info.file_name, mask_from_probs(probs, size), args.format, size)
-    expected = [info.file_name for info in coco.images.values()]
-    path = write_submission(
-        rows, args.out, expected, len(names), args.format, args.size or None, args.overwrite
+    names, members = read_prob_files(args.probs, [str(i) for i in coco.images])
+    weights = (
+        load_weights(args.weights_file, len(args.probs), names)
+        if args.weights_file
+        else _floats(args.weights)
     )
-    print(f"ensemble of {len(args.probs)} probability files -> {path} (validated)")
+    post = PostProcess.load(args.postprocess, names) if args.postprocess else None
+    rows = []
+    for (_, probs), info in zip(members, coco.images.values()):
+        mask = vote_mask(probs, weights, args.vote, size)
+        rows += submission_rows(info.file_name, post(mask) if post else mask, args.format, size)
+    expected = [info.file_name for info in coco.images.values()]
+    path = write_submission(rows, args.out, expected, len(names), args.format, size, args.overwrite)
+    print(f"{args.vote} vote of {len(args.probs)} probability files -> {path} (validated)")
     return 0
 
 
@@ -177,19 +189,53 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .ensemble import evaluate_oof, search_weights
+    from .ensemble import evaluate_oof, save_weights, search_weights
+    from .oof import OofRuns
 
     weights = _floats(args.weights)
+    table = lambda frame: frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")  # noqa: E731
     if args.search_weights:
-        found = search_weights(args.runs, args.step)
+        found = search_weights(args.runs, args.step, per_class=args.per_class)
         weights = found.weights
-        print(found.table.head(10).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        print(table(found.table.head(10)))
+        kind = "per-class weights" if args.per_class else f"weights {[round(float(w), 3) for w in weights]}"
         print(
-            f"best weights {[round(float(w), 3) for w in weights]}: OOF mIoU {found.in_sample:.4f} in-sample "
-            f"(measured on the images the weights were chosen on: optimistic); {found.nested:.4f} nested "
-            "(each fold scored with weights chosen on the other folds): expect the latter"
+            f"best {kind}: OOF mIoU {found.in_sample:.4f} in-sample (on the images they were chosen on: "
+            f"optimistic); {found.nested:.4f} nested (each fold scored with weights chosen on the other "
+            "folds): expect the latter"
         )
-    print(evaluate_oof(args.runs, weights).to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        if args.save_weights:
+            save_weights(args.save_weights, found, args.runs, OofRuns(args.runs).class_names, args.overwrite)
+            print(f"weights: {args.save_weights}")
+    print(table(evaluate_oof(args.runs, weights)))
+    if args.tune_postprocess:
+        from .postprocess import tune
+
+        tuned = tune(args.runs, weights)
+        tuned.postprocess.save(args.tune_postprocess, args.overwrite)
+        pp = tuned.postprocess
+        print(
+            f"post-processing (min_area as a fraction of the image): min_area {pp.min_area}, fill_holes "
+            f"{sorted(pp.fill_holes)}"
+        )
+        print(
+            f"OOF mIoU: plain {tuned.baseline:.4f}, post-processed {tuned.in_sample:.4f} in-sample, "
+            f"{tuned.nested:.4f} nested -> {args.tune_postprocess}"
+        )
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import run_audit
+
+    table, gallery = run_audit(args.runs, args.out, _floats(args.weights), args.gallery, args.overwrite)
+    shown = table.head(10)[["rank", "file_name", "fold", "score", "pixel_error", "top_confusion"]]
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(
+        f"{len(table)} images ranked -> {Path(args.out) / 'audit.csv'}; {len(gallery)} panels in "
+        f"{Path(args.out) / 'gallery'}. Put the file names of wrong labels in an exclude list "
+        "(folds --exclude FILE, or data.exclude=FILE) and retrain."
+    )
     return 0
 
 
@@ -239,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="CSV with columns file_name,group: images of one group (e.g. photos of one scene) share a fold",
     )
+    p.add_argument(
+        "--exclude",
+        type=Path,
+        default=None,
+        help="file names to leave out: a text file (one per line) or a CSV with a file_name column",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing folds file")
     p.set_defaults(func=cmd_folds)
 
@@ -284,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--postprocess", type=Path, default=None, help="postprocess.json of evaluate --tune-postprocess"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_predict)
 
@@ -294,9 +349,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--probs", nargs="+", required=True, type=Path, help=".npz files from predict --save-probs"
     )
     p.add_argument("--weights", default=None, help="comma-separated weight per file (default: equal)")
+    p.add_argument(
+        "--weights-file", type=Path, default=None, help="weights.json of evaluate --save-weights (per-class)"
+    )
+    p.add_argument(
+        "--vote", choices=("soft", "hard"), default="soft",
+        help="soft: weighted mean of probabilities; hard: majority of the files' argmaxes, ties to the "
+        "larger "
+        "summed probability",
+    )  # fmt: skip
     p.add_argument("--test", required=True, type=Path, help="test COCO json (row order and ids)")
     p.add_argument("--out", required=True, type=Path)
     _add_submission_args(p)
+    p.add_argument(
+        "--postprocess", type=Path, default=None, help="postprocess.json of evaluate --tune-postprocess"
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_ensemble)
 
@@ -317,8 +384,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs trained on the same folds")
     p.add_argument("--weights", default=None, help="comma-separated weight per run")
     p.add_argument("--search-weights", action="store_true", help="grid-search run weights on OOF mIoU")
+    p.add_argument(
+        "--per-class", action="store_true", help="with --search-weights: one weight per run and class"
+    )
     p.add_argument("--step", type=float, default=0.1, help="grid step of the weight search")
+    p.add_argument(
+        "--save-weights", type=Path, default=None, help="write the searched weights (weights.json)"
+    )
+    p.add_argument(
+        "--tune-postprocess", type=Path, default=None, metavar="FILE",
+        help="tune per-class min-area / hole filling on OOF and write them to FILE (postprocess.json)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace existing weights / postprocess files")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "audit", help="rank training images by OOF disagreement with their labels -> audit.csv + gallery"
+    )
+    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs trained on the same folds")
+    p.add_argument("--weights", default=None, help="comma-separated weight per run")
+    p.add_argument("--out", required=True, type=Path, help="output folder (audit.csv, gallery/)")
+    p.add_argument("--gallery", type=int, default=24, help="panels of the N most suspicious images")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser(
         "demo",

@@ -37,6 +37,7 @@ class DataConfig(_Section):
     ``format: coco``: ``root`` holds the images, ``annotations`` the COCO json (masks are built into the mask
     cache as ``competition prepare`` does). ``format: folder``: ``image_dir`` + ``mask_dir`` matched by stem
     (``value_map: binary`` maps mask > 127 to class 1). ``folds``: CSV with ``image_id`` and ``fold``.
+    ``exclude``: file names left out of training and validation (``competition audit`` helps to find them).
     """
 
     format: Literal["coco", "folder"] = "coco"
@@ -50,6 +51,7 @@ class DataConfig(_Section):
     mask_dir: Path | None = None
     value_map: Literal["binary"] | dict[int, int] | None = "binary"
     folds: Path
+    exclude: Path | None = None
 
     @model_validator(mode="after")
     def _paths_for_format(self) -> DataConfig:
@@ -252,7 +254,16 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     data = raw.get("data")
     if isinstance(data, dict):
-        for key in ("root", "annotations", "merge_map", "cache_dir", "image_dir", "mask_dir", "folds"):
+        for key in (
+            "root",
+            "annotations",
+            "merge_map",
+            "cache_dir",
+            "image_dir",
+            "mask_dir",
+            "folds",
+            "exclude",
+        ):
             if isinstance(data.get(key), str):
                 data[key] = str((base / os.path.expanduser(data[key])).resolve())
     raw.setdefault("output_dir", "runs")

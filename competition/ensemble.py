@@ -12,130 +12,190 @@ weights chosen on the other folds only.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .checkpoint import CheckpointError
-from .metrics import ConfusionMatrix
+from .io import atomic_write_text
+from .metrics import miou_of
 from .oof import OofRuns, check_same_classes, stored_class_names
-from .runtime import normalize_weights
+from .tuning import FoldTable, nested_folds
+from .voting import class_weights, combine
 
 
-def weighted_average(probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
-    """``sum_i w_i p_i`` with weights normalised to sum 1 (float32)."""
-    w = normalize_weights(weights, len(probs))
-    return sum(float(wi) * p.astype(np.float32) for wi, p in zip(w, probs))
-
-
-def _update(matrix: ConfusionMatrix, pred: np.ndarray, target: np.ndarray) -> None:
-    matrix.update(torch.from_numpy(pred), torch.from_numpy(target.astype(np.int64)))
-
-
-def evaluate_oof(runs: Sequence[str | os.PathLike], weights: Sequence[float] | None = None) -> pd.DataFrame:
-    """OOF mIoU of each run's folds, of each run's fold ensemble, and of the weighted multi-run ensemble."""
+def evaluate_oof(
+    runs: Sequence[str | os.PathLike], weights: np.ndarray | Sequence[float] | None = None
+) -> pd.DataFrame:
+    """OOF mIoU of each run per fold and over all folds (its fold ensemble's CV score) and, with several runs,
+    of the weighted soft vote and of the hard vote."""
     oof = OofRuns(runs)
-    w = normalize_weights(weights, len(oof.runs))
-    matrices: dict[tuple[str, str], ConfusionMatrix] = {}
-
-    def add(name: str, fold: str, pred: np.ndarray, target: np.ndarray) -> None:
-        matrix = matrices.setdefault((name, fold), ConfusionMatrix(oof.num_classes, oof.ignore_index))
-        _update(matrix, pred, target)
-
+    w = class_weights(weights, len(oof.runs), oof.num_classes)
+    per_class = weights is not None and np.ndim(weights) == 2
+    soft = "soft vote " + ("per-class weights" if per_class else "+".join(f"{x:.2f}" for x in w[:, 0]))
+    table = FoldTable(oof.num_classes, oof.ignore_index)
     for _, fold, probs, target in oof:
         for run, p in zip(oof.runs, probs):
-            pred = p.argmax(0)
-            add(run.name, f"fold{fold}", pred, target)
-            add(run.name, "all folds", pred, target)
+            table.add(fold, run.name, p.argmax(0), target)
         if len(oof.runs) > 1:
-            name = "ensemble " + "+".join(f"{x:.2f}" for x in w)
-            add(name, "all folds", weighted_average(probs, w).argmax(0), target)
-    rows = [
-        {"model": name, "folds": fold, "miou": cm.miou(), "pixel_acc": cm.pixel_accuracy()}
-        for (name, fold), cm in matrices.items()
-    ]
+            table.add(fold, soft, combine(probs, w), target)
+            table.add(fold, "hard vote", combine(probs, w, "hard"), target)
+    rows = []
+    for run in oof.runs:
+        rows += [_row(run.name, f"fold{f}", table.matrix(run.name, [f])) for f in sorted(table.folds)]
+        rows.append(_row(run.name, "all folds", table.matrix(run.name)))
+    if len(oof.runs) > 1:
+        rows += [_row(name, "all folds", table.matrix(name)) for name in (soft, "hard vote")]
     return pd.DataFrame(rows)
+
+
+def _row(name: str, folds: str, matrix: np.ndarray) -> dict:
+    total = matrix.sum()
+    return {
+        "model": name,
+        "folds": folds,
+        "miou": miou_of(matrix),
+        "pixel_acc": float(np.trace(matrix) / total) if total else float("nan"),
+    }
 
 
 @dataclass
 class WeightSearch:
     """Result of ``search_weights``."""
 
-    weights: np.ndarray  # best on every fold together
+    weights: np.ndarray  # best on every fold together: [runs], or [runs, classes] with per_class
     in_sample: float  # their OOF mIoU, on the images they were chosen on (optimistic)
     nested: float  # OOF mIoU where each fold is scored with the weights chosen on the other folds
     fold_weights: dict[int, np.ndarray]  # the weights chosen without each fold
-    table: pd.DataFrame  # every weight vector tried, best first (in-sample mIoU)
+    table: pd.DataFrame  # every per-run weight vector tried, best first (in-sample mIoU)
 
 
-def _sum(matrices: Sequence[ConfusionMatrix]) -> ConfusionMatrix:
-    total = ConfusionMatrix(matrices[0].num_classes, matrices[0].ignore_index)
-    for m in matrices:
-        total.matrix += m.matrix
-    return total
-
-
-def search_weights(runs: Sequence[str | os.PathLike], step: float = 0.1) -> WeightSearch:
-    """Grid search of ensemble weights on the simplex (``step`` apart) by OOF mIoU, in one pass over images,
-    with the nested-by-folds score next to the in-sample one (module docstring)."""
-    oof = OofRuns(runs)
-    n = len(oof.runs)
-    if n < 2:
-        raise ValueError("weight search needs at least two runs")
-    if len(oof.folds) < 2:
-        raise ValueError("the nested score of a weight search needs OOF predictions of at least two folds")
+def _simplex(members: int, step: float) -> list[np.ndarray]:
     ticks = int(round(1 / step))
-    grid = [np.array(c) / ticks for c in itertools.product(range(ticks + 1), repeat=n) if sum(c) == ticks]
-    per_fold = {
-        f: [ConfusionMatrix(oof.num_classes, oof.ignore_index) for _ in grid] for f in oof.folds
-    }  # [fold][grid point]
+    points = itertools.product(range(ticks + 1), repeat=members)
+    return [np.array(c) / ticks for c in points if sum(c) == ticks]
+
+
+def search_weights(
+    runs: Sequence[str | os.PathLike], step: float = 0.1, per_class: bool = False
+) -> WeightSearch:
+    """Grid search of run weights on the simplex (``step`` apart) by OOF mIoU, with the nested-by-folds score
+    next to the in-sample one (module docstring).
+
+    ``per_class``: then, starting from the best per-run weights, each class's column of weights is chosen on
+    its own from the same grid (the other classes keep the per-run weights). The nested score repeats the
+    whole search without each fold.
+    """
+    oof = OofRuns(runs)
+    if len(oof.runs) < 2:
+        raise ValueError("weight search needs at least two runs")
+    grid = _simplex(len(oof.runs), step)
+    per_run = FoldTable(oof.num_classes, oof.ignore_index)
     for _, fold, probs, target in oof:
         stack = np.stack([p.astype(np.float32) for p in probs])
-        for matrix, w in zip(per_fold[fold], grid):
-            _update(matrix, np.tensordot(w, stack, 1).argmax(0), target)
-    overall = [_sum([per_fold[f][i] for f in oof.folds]).miou() for i in range(len(grid))]
-    best = int(np.nanargmax(overall))
-    fold_weights, held_out = {}, []
-    for f in oof.folds:
-        others = [_sum([per_fold[g][i] for g in oof.folds if g != f]).miou() for i in range(len(grid))]
-        chosen = int(np.nanargmax(others))
-        fold_weights[f] = grid[chosen]
-        held_out.append(per_fold[f][chosen])
+        for i, w in enumerate(grid):
+            per_run.add(fold, i, np.tensordot(w, stack, 1).argmax(0), target)
+    folds = nested_folds(per_run)
+    keys = list(range(len(grid)))
+    chosen = {None: grid[per_run.best(keys)], **{f: grid[per_run.best(keys, without=f)] for f in folds}}
+    if per_class:
+        chosen = _per_class(oof, grid, chosen)
+    final = FoldTable(oof.num_classes, oof.ignore_index)
+    for _, fold, probs, target in oof:
+        final.add(fold, "in", combine(probs, chosen[None]), target)
+        final.add(fold, "nested", combine(probs, chosen[fold]), target)
     names = [f"w_{r.name}" for r in oof.runs]
-    table = pd.DataFrame([{**dict(zip(names, w)), "miou": m} for w, m in zip(grid, overall)])
+    table = pd.DataFrame([{**dict(zip(names, w)), "miou": per_run.miou(i)} for i, w in enumerate(grid)])
     return WeightSearch(
-        grid[best],
-        float(overall[best]),
-        _sum(held_out).miou(),
-        fold_weights,
+        chosen[None],
+        final.miou("in"),
+        final.miou("nested"),
+        {f: chosen[f] for f in folds},
         table.sort_values("miou", ascending=False),
     )
 
 
-def average_prob_files(
-    paths: Sequence[str | os.PathLike], keys: Sequence[str], weights: Sequence[float] | None = None
-) -> tuple[list[str], Iterator[tuple[str, np.ndarray]]]:
-    """The common class names of ``predict --save-probs`` files and an iterator of ``(key, weighted mean
-    probs)`` for each key (test image id). Files of other class lists, or missing keys, are refused first."""
+def _per_class(oof: OofRuns, grid: list[np.ndarray], bases: dict) -> dict:
+    """Per base (``None``: all folds; ``f``: every fold but f), each class's weight column chosen on the folds
+    that base may see, the others kept at the base's per-run weights."""
+    classes = oof.num_classes
+    tables = {b: FoldTable(classes, oof.ignore_index) for b in bases}
+    for _, fold, probs, target in oof:
+        for b, base in bases.items():
+            if b == fold:
+                continue  # never tune on the fold this base is scored on
+            full = class_weights(base, len(probs), classes)
+            for c in range(classes):
+                for i, g in enumerate(grid):
+                    w = full.copy()
+                    w[:, c] = g
+                    tables[b].add(fold, (c, i), combine(probs, w), target)
+    out = {}
+    for b, base in bases.items():
+        w = class_weights(base, len(oof.runs), classes)
+        start = next(i for i, g in enumerate(grid) if np.allclose(g, base))
+        for c in range(classes):
+            order = [(c, start)] + [(c, i) for i in range(len(grid)) if i != start]  # ties keep the base
+            w[:, c] = grid[tables[b].best(order)[1]]
+        out[b] = w
+    return out
+
+
+def read_prob_files(
+    paths: Sequence[str | os.PathLike], keys: Sequence[str]
+) -> tuple[list[str], Iterator[tuple[str, list[np.ndarray]]]]:
+    """The common class names of ``predict --save-probs`` files and an iterator of ``(key, [probabilities of
+    each file])`` for each key (test image id). Files of other class lists, or missing keys, are refused
+    before anything is read."""
     files = [np.load(p) for p in paths]
-    w = normalize_weights(weights, len(files))
     names = check_same_classes([(str(p), stored_class_names(f, p)) for p, f in zip(paths, files)])
     for path, f in zip(paths, files):
         missing = [k for k in keys if f"pred__{k}" not in f.files]
         if missing:
             raise CheckpointError(f"{path} has no probabilities for images {missing[:5]}")
 
-    def iterate() -> Iterator[tuple[str, np.ndarray]]:
+    def iterate() -> Iterator[tuple[str, list[np.ndarray]]]:
         for key in keys:
             probs = [f[f"pred__{key}"] for f in files]
             if len({p.shape for p in probs}) > 1:
                 raise CheckpointError(
                     f"probability maps of {key} differ in shape: {[p.shape for p in probs]}"
                 )
-            yield key, weighted_average(probs, w)
+            yield key, probs
 
     return names, iterate()
+
+
+def save_weights(
+    path: str | os.PathLike,
+    found: WeightSearch,
+    runs: Sequence[str | os.PathLike],
+    class_names: Sequence[str],
+    overwrite: bool = False,
+) -> None:
+    """``weights.json``: searched weights, their runs and classes (read by ``ensemble --weights-file``)."""
+    data = {
+        "runs": [str(r) for r in runs],
+        "class_names": list(class_names),
+        "weights": found.weights.tolist(),
+    }
+    data |= {"oof_miou_in_sample": found.in_sample, "oof_miou_nested": found.nested}
+    atomic_write_text(path, json.dumps(data, indent=2), overwrite)
+
+
+def load_weights(path: str | os.PathLike, members: int, class_names: Sequence[str]) -> np.ndarray:
+    """Weights from ``save_weights``, checked against the number of members and their classes."""
+    data = json.loads(Path(path).read_text())
+    if data["class_names"] != list(class_names):
+        raise ValueError(f"{path} holds weights for classes {data['class_names']}, not {list(class_names)}")
+    weights = np.asarray(data["weights"], dtype=np.float64)
+    if len(weights) != members:
+        raise ValueError(
+            f"{path} holds weights for {len(weights)} runs ({data['runs']}), got {members} files"
+        )
+    return weights

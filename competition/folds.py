@@ -90,14 +90,18 @@ def build_folds(
     seed: int = 42,
     group_by_folder: bool = False,
     groups: Mapping[str, str] | None = None,
+    exclude: set[str] | None = None,
 ) -> pd.DataFrame:
     """Folds table: ``image_id, file_name, fold, group`` plus the presence columns.
 
-    ``group_by_folder`` groups by each file's folder; ``groups`` maps every file name to its group.
+    ``group_by_folder`` groups by each file's folder; ``groups`` maps every file name to its group;
+    ``exclude``: file names left out (e.g. labels judged wrong after ``competition audit``).
     """
     if group_by_folder and groups is not None:
         raise ValueError("choose one grouping: --group-by-folder or --groups")
     table = presence_matrix(coco, class_map)
+    if exclude:
+        table = table[~table["file_name"].isin(exclude)].reset_index(drop=True)
     names = list(class_map.names[1:])
     grouped = group_by_folder or groups is not None
     if groups is not None:

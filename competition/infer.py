@@ -258,11 +258,6 @@ def iterate_predictions(
             yield sample_id(batch["image_id"][i]), batch["file_name"][i], p
 
 
-def resize_probs(probs: torch.Tensor, size: int | None) -> torch.Tensor:
-    """``[C, H, W]`` probabilities resized (bilinear) to ``size x size``; ``None`` keeps them."""
-    return probs if size is None else _resize(probs[None], (size, size))[0]
-
-
 def _loader(dataset: Any, sizes: set, batch_size: int, workers: int, device: Any) -> DataLoader:
     return DataLoader(
         dataset,
@@ -290,16 +285,19 @@ def predict(
     device: Any = "cpu",
     overwrite: bool = False,
     progress: bool = True,
+    postprocess: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Predict every image of ``test_json`` with the weighted ensemble of every fold of ``runs`` (+ TTA) and
     write the submission (validated, atomic); optionally the probabilities (``save_probs``, float16 at
     ``probs_size``) for later multi-run ensembling, and overlay PNGs of the first ``overlays`` images.
+    ``postprocess``: a ``postprocess.json`` (tuned on OOF) applied to each submission mask.
     """
     from .data.coco import load_coco, safe_join
     from .data.datasets import TestImageDataset, read_image
     from .data.stats import save_panels
     from .io import NpzStreamWriter, check_writable
-    from .submission import mask_from_probs, submission_rows, write_submission
+    from .postprocess import PostProcess
+    from .submission import mask_from_probs, resize_probs, submission_rows, write_submission
 
     started = time.perf_counter()
     opts = opts or InferenceOptions()
@@ -308,6 +306,7 @@ def predict(
         check_writable(save_probs, overwrite)
     coco = load_coco(test_json, data_root)
     specs, names = load_specs(runs, weights, device)
+    post = PostProcess.load(postprocess, names) if postprocess else None
     for spec in specs:
         if opts.channels_last:
             spec.model.to(memory_format=torch.channels_last)
@@ -324,7 +323,8 @@ def predict(
         bar = tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress)
         for image_id, file_name, probs in iterate_predictions(ensemble, loader, device):
             probs = probs.half().float()  # the precision of saved probabilities: ensemble of them agrees
-            rows += submission_rows(file_name, mask_from_probs(probs, size), fmt, size)
+            mask = mask_from_probs(probs, size)
+            rows += submission_rows(file_name, post(mask) if post else mask, fmt, size)
             if writer is not None:
                 writer.put(f"pred__{image_id}", resize_probs(probs, probs_size).half().numpy())
             if len(written) < overlays:

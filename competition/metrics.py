@@ -12,6 +12,33 @@ import numpy as np
 import torch
 
 
+def confusion(
+    prediction: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int | None
+) -> np.ndarray:
+    """``[target, prediction]`` pixel counts of two class-index maps (NumPy, as ``ConfusionMatrix``)."""
+    prediction, target = prediction.reshape(-1).astype(np.int64), target.reshape(-1).astype(np.int64)
+    keep = (target >= 0) & (target < num_classes)
+    if ignore_index is not None:
+        keep &= target != ignore_index
+    index = target[keep] * num_classes + np.clip(prediction[keep], 0, num_classes - 1)
+    return np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def iou_of(matrix: np.ndarray) -> np.ndarray:
+    """Per-class IoU of a confusion matrix; NaN for a class with no prediction and no target pixel."""
+    m = np.asarray(matrix, dtype=np.float64)
+    tp = np.diag(m)
+    union = m.sum(0) + m.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def miou_of(matrix: np.ndarray) -> float:
+    """Mean IoU over classes that have one (NaN when none has)."""
+    iou = iou_of(matrix)
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+
 class ConfusionMatrix:
     """``matrix[target, prediction]`` pixel counts for ``num_classes`` classes."""
 
@@ -38,15 +65,10 @@ class ConfusionMatrix:
 
     def iou(self) -> np.ndarray:
         """Per-class IoU; NaN for a class with no prediction and no target pixel."""
-        m = self.matrix.double().cpu().numpy()
-        tp = np.diag(m)
-        union = m.sum(0) + m.sum(1) - tp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(union > 0, tp / union, np.nan)
+        return iou_of(self.matrix.cpu().numpy())
 
     def miou(self) -> float:
-        iou = self.iou()
-        return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+        return miou_of(self.matrix.cpu().numpy())
 
     def pixel_accuracy(self) -> float:
         m = self.matrix.double()

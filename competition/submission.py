@@ -37,13 +37,18 @@ class SubmissionError(ValueError):
     """A submission file breaks the format; the message lists the first problems."""
 
 
+def resize_probs(probs: torch.Tensor | np.ndarray, size: int | None) -> torch.Tensor:
+    """``[C, H, W]`` probabilities as float32, resized (bilinear) to ``size x size``; ``None`` keeps them."""
+    p = torch.as_tensor(probs, dtype=torch.float32)
+    if size is None or tuple(p.shape[-2:]) == (size, size):
+        return p
+    return F.interpolate(p[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
 def mask_from_probs(probs: torch.Tensor | np.ndarray, size: int | None) -> np.ndarray:
     """Class-index mask (uint8 ``[size, size]``; ``None``: native) of ``[C, H, W]`` probabilities: resize
     the probabilities (bilinear), round them to float16, then take the argmax. Never resize labels."""
-    p = torch.as_tensor(probs, dtype=torch.float32)
-    if size is not None and tuple(p.shape[-2:]) != (size, size):
-        p = F.interpolate(p[None], size=(size, size), mode="bilinear", align_corners=False)[0]
-    return p.half().argmax(0).to(torch.uint8).numpy()
+    return resize_probs(probs, size).half().argmax(0).to(torch.uint8).numpy()
 
 
 def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:

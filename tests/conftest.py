@@ -1,6 +1,8 @@
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,3 +67,26 @@ def trained_run(synthetic_data, tmp_path_factory):
     cfg = config_from_dict(tiny_config_dict(synthetic_data, tmp_path_factory.mktemp("runs")))
     results = train(cfg, "all")
     return cfg, results
+
+
+def fake_oof_run(root, name, folds, classes, ignore_index=255):
+    """A run directory whose folds hold only ``best.json`` and ``oof.npz`` built from given maps."""
+    from competition.oof import OofWriter
+
+    for fold, items in folds.items():
+        d = root / name / f"fold{fold}"
+        d.mkdir(parents=True)
+        (d / "best.json").write_text(json.dumps({"fold": fold, "classes": classes}))
+        with OofWriter(d / "oof.npz", "probs", None, classes, fold, ignore_index) as writer:
+            for image_id, (probs, target) in items.items():
+                batch = {"image_id": [image_id], "mask": torch.as_tensor(target)[None]}
+                writer.add(batch, torch.as_tensor(probs, dtype=torch.float32)[None])
+    return root / name
+
+
+def onehot(labels, classes, confidence=1.0):
+    labels = np.asarray(labels)
+    probs = np.full((classes, *labels.shape), (1 - confidence) / (classes - 1), np.float32)
+    for c in range(classes):
+        probs[c][labels == c] = confidence
+    return probs

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import tiny_config_dict
+from conftest import fake_oof_run, onehot, tiny_config_dict
 from torch import nn
 
 from competition import checkpoint as ckpt
@@ -24,7 +24,6 @@ from competition.config import ConfigError, config_from_dict
 from competition.data.splits import FoldsMismatchError, build_datasets
 from competition.ensemble import average_prob_files, evaluate_oof, search_weights
 from competition.infer import Ensemble, ModelSpec, load_specs
-from competition.oof import OofWriter
 from competition.runtime import to_probs
 from competition.submission import mask_from_probs
 from competition.train import FoldRun, evaluate, train_fold
@@ -53,27 +52,6 @@ def test_to_probs_is_softmax_or_two_channel_sigmoid():
 
 
 # -------------------------------------------------------------------------- 2. class lists in every file
-def fake_oof_run(root, name, folds, classes, ignore_index=255):
-    """A run directory whose folds hold only ``best.json`` and ``oof.npz`` built from given maps."""
-    for fold, items in folds.items():
-        d = root / name / f"fold{fold}"
-        d.mkdir(parents=True)
-        (d / "best.json").write_text(json.dumps({"fold": fold, "classes": classes}))
-        with OofWriter(d / "oof.npz", "probs", None, classes, fold, ignore_index) as writer:
-            for image_id, (probs, target) in items.items():
-                batch = {"image_id": [image_id], "mask": torch.as_tensor(target)[None]}
-                writer.add(batch, torch.as_tensor(probs, dtype=torch.float32)[None])
-    return root / name
-
-
-def onehot(labels, classes, confidence=1.0):
-    labels = np.asarray(labels)
-    probs = np.full((classes, *labels.shape), (1 - confidence) / (classes - 1), np.float32)
-    for c in range(classes):
-        probs[c][labels == c] = confidence
-    return probs
-
-
 def test_oof_runs_of_other_class_order_are_refused_naming_both_lists(tmp_path):
     target = np.array([[0, 1], [2, 2]])
     item = {"7": (onehot(target, 3), target)}

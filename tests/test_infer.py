@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from competition.cli import main
-from competition.ensemble import evaluate_oof, search_weights, weighted_average
+from competition.ensemble import evaluate_oof, search_weights
 from competition.infer import (
     Ensemble,
     InferenceOptions,
@@ -26,6 +26,7 @@ from competition.submission import (
     validate_submission,
     write_submission,
 )
+from competition.voting import weighted_average
 
 
 def pixelwise_model(classes=3, seed=0):

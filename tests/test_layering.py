@@ -10,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "competition"
 TOP = {"cli", "demo"}
-STAGES = {"folds", "train", "infer", "ensemble", "pseudo", "postprocess", "audit", "report"}
+STAGES = {"folds", "train", "infer", "ensemble", "pseudo", "audit", "report"}
 
 
 def import_graph(package: Path) -> dict[str, set[str]]:

@@ -9,6 +9,7 @@ folder data ``image_id`` is the file stem, read as text (``"001"`` stays ``"001"
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,40 @@ def read_folds(cfg: Config, fold: int, actual: dict[str, str], source: str) -> t
     return table.loc[~val, "image_id"].tolist(), table.loc[val, "image_id"].tolist()
 
 
+def data_files(cfg: Config) -> tuple[dict[str, str], Path]:
+    """``image_id -> file name`` of the configured data (COCO ids or folder stems, as text) and the folder
+    the file names are relative to."""
+    if cfg.data.format == "folder":
+        from .datasets import MaskFolderDataset
+
+        every = MaskFolderDataset(cfg.data.image_dir, cfg.data.mask_dir)
+        return {stem: path.name for stem, path in every.images.items()}, Path(cfg.data.image_dir)
+    from .coco import load_coco
+
+    coco = load_coco(cfg.data.annotations, cfg.data.root)
+    return {str(i): info.file_name for i, info in coco.images.items()}, Path(cfg.data.root)
+
+
+def read_exclude(path: str | os.PathLike, known: Iterable[str]) -> set[str]:
+    """File names to leave out (a CSV with a ``file_name`` column, such as ``audit.csv`` trimmed to the
+    images judged mislabelled, or a text file of one name per line); names not in ``known`` are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exclude list {path} not found")
+    if path.suffix.lower() == ".csv":
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "file_name" not in table.columns:
+            raise ConfigError(f"exclude list {path} has no file_name column")
+        names = set(table["file_name"])
+    else:
+        lines = (line.strip() for line in path.read_text().splitlines())
+        names = {line for line in lines if line and not line.startswith("#")}
+    unknown = sorted(names - set(known))
+    if unknown:
+        raise ConfigError(f"exclude list {path} names {len(unknown)} images not in the data: {unknown[:5]}")
+    return names
+
+
 def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Dataset, Dataset, list[str]]:
     """Training (augmented) and validation datasets of one fold, and the class names.
 
@@ -101,9 +136,9 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
     if cfg.data.format == "folder":
         from .datasets import MaskFolderDataset
 
-        every = MaskFolderDataset(cfg.data.image_dir, cfg.data.mask_dir)
-        actual = {stem: path.name for stem, path in every.images.items()}
+        actual, _ = data_files(cfg)
         train_ids, val_ids = read_folds(cfg, fold, actual, str(cfg.data.image_dir))
+        train_ids, val_ids = _without_excluded(cfg, actual, train_ids, val_ids)
 
         def make(ids: list[Any], tf: Any) -> Dataset:
             return MaskFolderDataset(cfg.data.image_dir, cfg.data.mask_dir, tf, cfg.data.value_map, ids)
@@ -116,6 +151,7 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
     coco = load_coco(cfg.data.annotations, cfg.data.root)
     actual = {str(i): info.file_name for i, info in coco.images.items()}
     train_ids, val_ids = read_folds(cfg, fold, actual, str(cfg.data.annotations))
+    train_ids, val_ids = _without_excluded(cfg, actual, train_ids, val_ids)
     merge = read_merge_map(cfg.data.merge_map) if cfg.data.merge_map else None
     class_map = ClassMap.build(coco.categories, names, merge, source=str(cfg.data.annotations))
     cache = MaskCache(coco, class_map, cfg.data.cache_dir or cfg.data.root / ".mask_cache", cfg.data.crowd)
@@ -128,3 +164,13 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
         CocoSegmentationDataset(cache, cfg.data.root, [int(i) for i in val_ids], eval_tf),
         names,
     )
+
+
+def _without_excluded(
+    cfg: Config, actual: dict[str, str], train_ids: list[str], val_ids: list[str]
+) -> tuple[list[str], list[str]]:
+    """``data.exclude``: the listed images leave training and validation alike."""
+    if cfg.data.exclude is None:
+        return train_ids, val_ids
+    drop = read_exclude(cfg.data.exclude, actual.values())
+    return [i for i in train_ids if actual[i] not in drop], [i for i in val_ids if actual[i] not in drop]

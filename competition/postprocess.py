@@ -1,0 +1,173 @@
+"""Post-processing of class-index masks, tuned on out-of-fold predictions.
+
+Per foreground class, two operations (both off by default):
+
+- ``min_area``: connected components (8-connected) of the class smaller than this fraction of the image area
+  become background. A fraction, not pixels, so a setting tuned on OOF maps of one size holds at another.
+- ``fill_holes``: background pixels enclosed by the class become the class (other classes inside stay).
+
+``tune`` chooses each class's setting on OOF predictions (the other classes left as predicted), reports the
+in-sample score and a nested one (each fold post-processed with the settings chosen on the other folds), and
+``PostProcess`` is saved as ``postprocess.json``, which ``predict`` and ``ensemble`` apply with
+``--postprocess FILE`` after checking it was tuned for the same classes. Dense CRF is not offered: see
+docs/benchmarks.md for the packages tried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from .io import atomic_write_text
+from .metrics import confusion
+from .oof import OofRuns
+from .tuning import FoldTable, nested_folds
+from .voting import combine
+
+AREAS = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # candidate min_area fractions, "off" first
+
+
+def remove_small(mask: np.ndarray, cls: int, min_pixels: int, fill: int = 0) -> np.ndarray:
+    """``mask`` with the 8-connected components of ``cls`` smaller than ``min_pixels`` set to ``fill``."""
+    binary = (mask == cls).astype(np.uint8)
+    if min_pixels <= 1 or not binary.any():
+        return mask
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < min_pixels)
+    small = small[small > 0]  # label 0 is everything that is not the class
+    if not len(small):
+        return mask
+    out = mask.copy()
+    out[np.isin(labels, small)] = fill
+    return out
+
+
+def fill_holes(mask: np.ndarray, cls: int, background: int = 0) -> np.ndarray:
+    """``mask`` with background pixels fully enclosed by ``cls`` set to ``cls``."""
+    region = mask == cls
+    if not region.any():
+        return mask
+    holes = ndimage.binary_fill_holes(region) & (mask == background)
+    if not holes.any():
+        return mask
+    out = mask.copy()
+    out[holes] = cls
+    return out
+
+
+@dataclass
+class PostProcess:
+    """Per-class settings (by class name); classes not listed are left alone."""
+
+    class_names: list[str]
+    min_area: dict[str, float] = field(default_factory=dict)
+    fill_holes: dict[str, bool] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted((set(self.min_area) | set(self.fill_holes)) - set(self.class_names[1:]))
+        if unknown:
+            raise ValueError(f"post-processing names classes {unknown} not in {self.class_names[1:]}")
+        bad = {k: v for k, v in self.min_area.items() if not 0 <= v < 1}
+        if bad:
+            raise ValueError(f"min_area is a fraction of the image area in [0, 1), got {bad}")
+
+    def __call__(self, mask: np.ndarray) -> np.ndarray:
+        area = mask.shape[0] * mask.shape[1]
+        for c, name in enumerate(self.class_names[1:], start=1):
+            if self.min_area.get(name, 0.0) > 0:
+                mask = remove_small(mask, c, int(round(self.min_area[name] * area)))
+        for c, name in enumerate(self.class_names[1:], start=1):
+            if self.fill_holes.get(name, False):
+                mask = fill_holes(mask, c)
+        return mask
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        return atomic_write_text(path, json.dumps(asdict(self), indent=2), overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, class_names: Sequence[str]) -> PostProcess:
+        """Read ``postprocess.json``; it must have been tuned for exactly ``class_names``."""
+        try:
+            raw = json.loads(Path(path).read_text())
+            pp = cls(**raw)
+        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"cannot read post-processing file {path}: {exc}") from exc
+        if list(pp.class_names) != list(class_names):
+            raise ValueError(
+                f"{path} was tuned for classes {pp.class_names}, but these predictions have "
+                f"{list(class_names)}"
+            )
+        return pp
+
+
+def _candidates(classes: int) -> list[tuple[int, float, bool]]:
+    """``(class, min_area, fill_holes)`` per class, ``(c, 0, False)`` (off) first."""
+    return [(c, a, h) for c in range(1, classes) for h in (False, True) for a in AREAS]
+
+
+def _apply(mask: np.ndarray, candidate: tuple[int, float, bool]) -> np.ndarray:
+    c, area, holes = candidate
+    if area > 0:
+        mask = remove_small(mask, c, int(round(area * mask.size)))
+    return fill_holes(mask, c) if holes else mask
+
+
+@dataclass
+class Tuned:
+    """Result of ``tune``: the settings chosen on every fold and the scores of plain argmax, in-sample and
+    nested post-processing."""
+
+    postprocess: PostProcess
+    fold_postprocess: dict[int, PostProcess]
+    baseline: float
+    in_sample: float
+    nested: float
+
+
+def tune(runs: Sequence[str | os.PathLike], weights: np.ndarray | Sequence[float] | None = None) -> Tuned:
+    """Choose each class's post-processing on the OOF predictions of ``runs`` (soft vote with ``weights``)."""
+    oof = OofRuns(runs)
+    names, classes = oof.class_names, oof.num_classes
+    candidates = _candidates(classes)
+    table = FoldTable(classes, oof.ignore_index)
+    for _, fold, probs, target in oof:
+        pred = combine(probs, weights)
+        plain = confusion(pred, target, classes, oof.ignore_index)
+        for cand in candidates:
+            changed = _apply(pred, cand)
+            if changed is pred:  # nothing changes for this class here: the plain argmax's counts
+                table.add_counts(fold, cand, plain)
+            else:
+                table.add(fold, cand, changed, target)
+    folds = nested_folds(table)
+
+    def choose(without: int | None) -> PostProcess:
+        pp = PostProcess(names)
+        for c in range(1, classes):
+            options = [cand for cand in candidates if cand[0] == c]
+            _, area, holes = table.best(options, without)
+            if area > 0:
+                pp.min_area[names[c]] = area
+            if holes:
+                pp.fill_holes[names[c]] = True
+        return pp
+
+    chosen, per_fold = choose(None), {f: choose(f) for f in folds}
+    final = FoldTable(classes, oof.ignore_index)
+    for _, fold, probs, target in oof:
+        pred = combine(probs, weights)
+        final.add(fold, "plain", pred, target)
+        final.add(fold, "in", chosen(pred), target)
+        final.add(fold, "nested", per_fold[fold](pred), target)
+    scores = {name: final.miou(name) for name in ("plain", "in", "nested")}
+    chosen.scores = {"oof_miou_plain": scores["plain"], "oof_miou_in_sample": scores["in"]}
+    chosen.scores["oof_miou_nested"] = scores["nested"]
+    return Tuned(chosen, per_fold, scores["plain"], scores["in"], scores["nested"])

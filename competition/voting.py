@@ -1,0 +1,62 @@
+"""Combining several members' class probabilities into one class-index map: weighted soft voting (per member
+or per member and class) and hard (majority) voting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .runtime import normalize_weights
+from .submission import mask_from_probs, resize_probs
+
+
+def weighted_average(probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """``sum_i w_i p_i`` with weights normalised to sum 1 (float32)."""
+    w = normalize_weights(weights, len(probs))
+    return sum(float(wi) * p.astype(np.float32) for wi, p in zip(w, probs))
+
+
+def class_weights(weights: np.ndarray | Sequence[float] | None, members: int, classes: int) -> np.ndarray:
+    """``[members, classes]`` weights: one weight per member (``[members]``) for every class, or one per
+    member and class; each class's column is checked and scaled to sum 1."""
+    w = np.ones(members) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.ndim == 1:
+        return np.repeat(normalize_weights(w, members)[:, None], classes, axis=1)
+    if w.shape != (members, classes):
+        raise ValueError(f"per-class weights of shape {w.shape} for {members} members and {classes} classes")
+    return np.stack([normalize_weights(w[:, c], members) for c in range(classes)], axis=1)
+
+
+def combine(probs: Sequence[np.ndarray], weights: np.ndarray | None = None, vote: str = "soft") -> np.ndarray:
+    """Class-index map of several members' probabilities ``[C, H, W]``.
+
+    ``soft``: argmax over classes of ``sum_r w[r, c] p_r[c]`` (``weights`` per member or per member and class,
+    see ``class_weights``). ``hard``: each member's argmax is a vote of its weight; a tie between classes goes
+    to the one of larger summed probability.
+    """
+    stack = np.stack([p.astype(np.float32) for p in probs])  # [R, C, H, W]
+    w = class_weights(weights, len(probs), stack.shape[1])
+    if vote == "soft":
+        return np.einsum("rc,rchw->chw", w, stack).argmax(0)
+    if vote != "hard":
+        raise ValueError(f"vote must be 'soft' or 'hard', got {vote!r}")
+    votes = np.zeros(stack.shape[1:], np.float64)
+    for r, member in enumerate(stack):
+        label = member.argmax(0)
+        for c in range(stack.shape[1]):
+            votes[c] += w[r, c] * (label == c)
+    top = votes.max(0, keepdims=True)
+    return np.where(np.isclose(votes, top), stack.sum(0), -1.0).argmax(0)
+
+
+def vote_mask(
+    members: Sequence[np.ndarray], weights: np.ndarray | None, vote: str, size: int | None
+) -> np.ndarray:
+    """Submission mask of several members' probabilities: resized to ``size`` first (the one route of
+    ``submission.mask_from_probs``), then soft-voted (weighted sum, argmax) or hard-voted."""
+    if vote == "soft":
+        w = class_weights(weights, len(members), members[0].shape[0])
+        return mask_from_probs(np.einsum("rc,rchw->chw", w, np.stack(members).astype(np.float32)), size)
+    resized = [resize_probs(m, size).half().numpy() for m in members]
+    return combine(resized, weights, vote).astype(np.uint8)
