@@ -208,12 +208,8 @@ class FoldRun:
                     pending = True
                 else:
                     self._skip(loss, epoch, step)
-            if sync:
-                if (
-                    not finite and self.ddp.enabled
-                ):  # gradients are all-reduced in a sync micro-batch's backward
-                    pending = False
-                self._optimizer_step(pending)
+            if sync:  # DDP all-reduces gradients in the sync micro-batch's backward: none, no step
+                self._optimizer_step(pending and (finite or not self.ddp.enabled))
                 pending = False
             if show and step % PROGRESS_EVERY == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")

@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from competition import checkpoint as ckpt
 from competition.cli import main
 from competition.config import ConfigError, config_from_dict
 from competition.data.splits import FoldsMismatchError, build_datasets
-from competition.ensemble import average_prob_files, evaluate_oof, search_weights
+from competition.ensemble import evaluate_oof, read_prob_files, search_weights
 from competition.infer import Ensemble, ModelSpec, load_specs
 from competition.runtime import to_probs
 from competition.submission import mask_from_probs
@@ -67,11 +66,12 @@ def test_probability_files_of_other_classes_or_without_names_are_refused(tmp_pat
     np.savez(tmp_path / "b.npz", pred__1=probs, class_names=np.array(["bg", "y", "x"]))
     np.savez(tmp_path / "old.npz", pred__1=probs)
     with pytest.raises(ckpt.CheckpointError, match="class lists differ"):
-        average_prob_files([tmp_path / "a.npz", tmp_path / "b.npz"], ["1"])
+        read_prob_files([tmp_path / "a.npz", tmp_path / "b.npz"], ["1"])
     with pytest.raises(ckpt.CheckpointError, match="carries no class_names"):
-        average_prob_files([tmp_path / "a.npz", tmp_path / "old.npz"], ["1"])
-    names, averaged = average_prob_files([tmp_path / "a.npz", tmp_path / "a.npz"], ["1"])
-    assert names == ["bg", "x", "y"] and np.allclose(dict(averaged)["1"], probs)
+        read_prob_files([tmp_path / "a.npz", tmp_path / "old.npz"], ["1"])
+    names, members = read_prob_files([tmp_path / "a.npz", tmp_path / "a.npz"], ["1"])
+    key, maps = next(members)
+    assert names == ["bg", "x", "y"] and key == "1" and len(maps) == 2 and np.allclose(maps[1], probs)
 
 
 # --------------------------------------------------------------------- 3. folds belong to their data
@@ -208,35 +208,42 @@ def test_searched_weights_get_a_nested_score_from_folds_they_were_not_chosen_on(
 
 
 # ----------------------------------------------------------------- 8. DDP ranks agree on a NaN loss
+NAN_ON_RANK1 = """
+import os, sys
+import competition.train as t
+from competition.config import load_config
+real, calls = t.build_criterion, []
+def build_criterion(cfg, classes):
+    loss = real(cfg, classes)
+    def nan_on_rank1(output, target):
+        calls.append(1)
+        bad = os.environ["RANK"] == "1" and len(calls) <= {bad_steps}
+        return loss(output, target) * (float("nan") if bad else 1.0)
+    return nan_on_rank1
+t.build_criterion = build_criterion
+try:
+    t.train_fold(load_config({config!r}), 0)
+except t.NonFiniteLossError as exc:
+    with open(os.path.join({out!r}, "stopped" + os.environ["RANK"]), "w") as f:
+        f.write(str(exc))
+    sys.exit(3)
+"""
+
+
+def run_two_ranks(script: str, tmp_path) -> subprocess.CompletedProcess:
+    path = tmp_path / "ddp_script.py"
+    path.write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(path)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)  # a hang fails here
+
+
 def test_ddp_ranks_stop_together_when_one_rank_sees_a_nan(synthetic_data, tmp_path):
     config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(tiny_config_dict(synthetic_data, tmp_path, epochs=1)))
-    script = tmp_path / "nan_on_rank1.py"
-    script.write_text(
-        textwrap.dedent(
-            f"""
-            import os, sys
-            import competition.train as t
-            from competition.config import load_config
-            real = t.build_criterion
-            def build_criterion(cfg, classes):
-                loss = real(cfg, classes)
-                if os.environ["RANK"] != "1":
-                    return loss
-                return lambda output, target: loss(output, target) * float("nan")
-            t.build_criterion = build_criterion
-            try:
-                t.train_fold(load_config({str(config)!r}), 0)
-            except t.NonFiniteLossError as exc:
-                with open(os.path.join({str(tmp_path)!r}, "stopped" + os.environ["RANK"]), "w") as f:
-                    f.write(str(exc))
-                sys.exit(3)
-            """
-        )
+    done = run_two_ranks(
+        NAN_ON_RANK1.format(bad_steps=10**6, config=str(config), out=str(tmp_path)), tmp_path
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)  # a hang fails here
     assert done.returncode != 0
     stopped = {
         r: (tmp_path / f"stopped{r}").read_text() for r in (0, 1) if (tmp_path / f"stopped{r}").exists()
@@ -244,6 +251,14 @@ def test_ddp_ranks_stop_together_when_one_rank_sees_a_nan(synthetic_data, tmp_pa
     assert sorted(stopped) == [0, 1], done.stderr[-3000:]
     assert "non-finite on another rank" in stopped[0] and "loss is nan" in stopped[1]
     assert not (tmp_path / "tiny" / "fold0" / "best.safetensors").exists()
+
+    # nan_policy=skip: both ranks skip the same micro-batch (no backward, no step) and train on
+    raw = tiny_config_dict(synthetic_data, tmp_path / "skip", epochs=1, nan_policy="skip", oof="none")
+    config.write_text(yaml.safe_dump(raw))
+    done = run_two_ranks(NAN_ON_RANK1.format(bad_steps=1, config=str(config), out=str(tmp_path)), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "non-finite loss at epoch 1, step 1 of fold 0; micro-batch skipped" in done.stdout + done.stderr
+    assert (tmp_path / "skip" / "tiny" / "fold0" / "best.safetensors").exists()
 
 
 # ---------------------------------------------------------- 9. one route to the submission mask
