@@ -343,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
-        "ensemble", help="weighted average of saved probabilities (predict --save-probs) -> CSV"
+        "ensemble",
+        help="soft (weighted, per-class) or hard vote of saved probabilities (predict --save-probs), "
+        "optional post-processing -> CSV",
     )
     p.add_argument(
         "--probs", nargs="+", required=True, type=Path, help=".npz files from predict --save-probs"
@@ -354,9 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--vote", choices=("soft", "hard"), default="soft",
-        help="soft: weighted mean of probabilities; hard: majority of the files' argmaxes, ties to the "
-        "larger "
-        "summed probability",
+        help="soft: weighted mean of probabilities; hard: majority of the files' argmaxes (ties: larger "
+        "summed probability)",
     )  # fmt: skip
     p.add_argument("--test", required=True, type=Path, help="test COCO json (row order and ids)")
     p.add_argument("--out", required=True, type=Path)
@@ -379,7 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser(
-        "evaluate", help="out-of-fold mIoU per fold, per run, of a weighted multi-run ensemble"
+        "evaluate",
+        help="out-of-fold mIoU per fold, per run and of soft/hard votes; weight search and post-processing "
+        "tuning with nested scores",
     )
     p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs trained on the same folds")
     p.add_argument("--weights", default=None, help="comma-separated weight per run")
