@@ -85,9 +85,11 @@ def synthetic(seed: int, root: Path) -> tuple[dict, list, list[str], dict]:
     planted_json = subset(set(range(48)), "train48_planted.json", planted)
     coco = load_coco(train_json, root)
     class_map = ClassMap.build(coco.categories)
-    write_folds(build_folds(coco, class_map, 3, seed=seed), root / "folds.csv")
+    write_folds(build_folds(coco, class_map, 3, seed=seed), root / "folds.csv", overwrite=True)
     planted_coco = load_coco(planted_json, root)
-    write_folds(build_folds(planted_coco, class_map, 3, seed=seed), root / "folds_planted.csv")
+    write_folds(
+        build_folds(planted_coco, class_map, 3, seed=seed), root / "folds_planted.csv", overwrite=True
+    )
 
     def run(arch: str, params: dict, annotations: Path, folds: Path) -> dict:
         return {
@@ -149,11 +151,10 @@ def isbi(seed: int, root: Path, data: Path = ISBI) -> tuple[dict, list, list[str
     return runs, [(s["image"], s["mask"].numpy()) for s in dataset], names, {}
 
 
-def heldout_probs(run_dir: Path, items: list) -> list[np.ndarray]:
-    """Fold-ensemble probabilities (float16, as saved by predict) of every held-out image."""
+def heldout_probs(run_dir: Path, items: list) -> list[list[np.ndarray]]:
+    """Probabilities (float16, as saved by predict) of every held-out image by each fold model of a run."""
     specs, _ = load_specs([run_dir])
-    ensemble = Ensemble(specs)
-    return [ensemble(image[None])[0].half().numpy() for image, _ in items]
+    return [[Ensemble([spec])(image[None])[0].half().numpy() for spec in specs] for image, _ in items]
 
 
 def score(masks: list[np.ndarray], items: list, classes: int) -> float:
@@ -168,14 +169,17 @@ def one_seed(dataset: str, seed: int, out: Path) -> list[dict]:
     for name, raw in runs.items():
         cfg = config_from_dict({"name": name, "output_dir": str(root / "runs"), **raw})
         started = time.perf_counter()
-        train(cfg, "all", overwrite=True)
+        train(cfg, "all", resume=True)  # a re-run of the script re-evaluates finished folds, never retrains
         seconds[name] = time.perf_counter() - started
         run_dirs.append(cfg.output_dir / cfg.name)
     weights = search_weights(run_dirs, 0.1)
     per_class = search_weights(run_dirs, 0.25, per_class=True)
     post = tune(run_dirs)
-    probs = [heldout_probs(d, items) for d in run_dirs]  # [run][image]
-    members = list(zip(*probs))  # [image][run]
+    per_fold = [heldout_probs(d, items) for d in run_dirs]  # [run][image][fold model]
+    members = [
+        [np.mean(fold_maps, 0) for fold_maps in zip(*runs_of_image)] for runs_of_image in zip(*per_fold)
+    ]
+    fold_models = [sum(maps, []) for maps in zip(*per_fold)]  # [image][every fold model of every run]
     classes = len(names)
     alone = {
         f"{d.name} alone": ([m[r].argmax(0) for m in members], None, None) for r, d in enumerate(run_dirs)
@@ -189,7 +193,9 @@ def one_seed(dataset: str, seed: int, out: Path) -> list[dict]:
         "soft vote, per-class weights": (
             [combine(m, per_class.weights) for m in members], per_class.in_sample, per_class.nested
         ),
-        "hard vote": ([combine(m, vote="hard") for m in members], None, None),
+        "hard vote of the 2 runs": ([combine(m, vote="hard") for m in members], None, None),
+        "soft vote, every fold model (6)": ([combine(m) for m in fold_models], None, None),
+        "hard vote, every fold model (6)": ([combine(m, vote="hard") for m in fold_models], None, None),
         "soft equal + tuned post-processing": (
             [post.postprocess(combine(m)) for m in members], post.in_sample, post.nested
         ),
@@ -204,7 +210,7 @@ def one_seed(dataset: str, seed: int, out: Path) -> list[dict]:
     )
     if audit:
         cfg = config_from_dict({"name": "planted", "output_dir": str(root / "runs"), **audit["config"]})
-        train(cfg, "all", overwrite=True)
+        train(cfg, "all", resume=True)
         table = audit_table([cfg.output_dir / cfg.name], audit["files"])
         ranked = table["file_name"].tolist()
         for k in (PLANTED, 2 * PLANTED):
