@@ -176,9 +176,7 @@ def one_seed(dataset: str, seed: int, out: Path) -> list[dict]:
     per_class = search_weights(run_dirs, 0.25, per_class=True)
     post = tune(run_dirs)
     per_fold = [heldout_probs(d, items) for d in run_dirs]  # [run][image][fold model]
-    members = [
-        [np.mean(fold_maps, 0) for fold_maps in zip(*runs_of_image)] for runs_of_image in zip(*per_fold)
-    ]
+    members = [[np.mean(folds, 0) for folds in runs_of_image] for runs_of_image in zip(*per_fold)]
     fold_models = [sum(maps, []) for maps in zip(*per_fold)]  # [image][every fold model of every run]
     classes = len(names)
     alone = {
