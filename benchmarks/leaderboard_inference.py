@@ -192,8 +192,8 @@ def one_seed(dataset: str, seed: int, out: Path) -> list[dict]:
             [combine(m, per_class.weights) for m in members], per_class.in_sample, per_class.nested
         ),
         "hard vote of the 2 runs": ([combine(m, vote="hard") for m in members], None, None),
-        "soft vote, every fold model (6)": ([combine(m) for m in fold_models], None, None),
-        "hard vote, every fold model (6)": ([combine(m, vote="hard") for m in fold_models], None, None),
+        "soft vote, every fold model": ([combine(m) for m in fold_models], None, None),
+        "hard vote, every fold model": ([combine(m, vote="hard") for m in fold_models], None, None),
         "soft equal + tuned post-processing": (
             [post.postprocess(combine(m)) for m in members], post.in_sample, post.nested
         ),
