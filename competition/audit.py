@@ -26,7 +26,7 @@ from .data.splits import data_files
 from .data.stats import save_panels
 from .io import atomic_write_csv, check_writable
 from .oof import OofRuns
-from .voting import class_weights
+from .voting import soft_scores
 
 EPS = 1e-4  # probability floor of the cross-entropy (float16 OOF maps hold exact zeros)
 
@@ -59,10 +59,9 @@ def audit_table(
     """Every OOF image with its scores and file name (``files``: image id -> file name), worst first
     (``rank`` 1 = most suspicious)."""
     oof = OofRuns(runs)
-    w = class_weights(weights, len(oof.runs), oof.num_classes)
     rows = []
     for key, fold, probs, target in oof:
-        p = np.einsum("rc,rchw->chw", w, np.stack(probs).astype(np.float32))
+        p = soft_scores(probs, weights)
         rows.append({"image_id": key, "file_name": files[key], "fold": fold})
         rows[-1] |= image_scores(p, target, oof.class_names, oof.ignore_index)
     table = pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
@@ -81,7 +80,6 @@ def write_gallery(
     """Image | label | OOF prediction panels of the first ``count`` rows of ``table`` (images under
     ``root``; a missing image leaves its panel out)."""
     oof = OofRuns(runs)
-    w = class_weights(weights, len(oof.runs), oof.num_classes)
     wanted = dict(zip(table["image_id"].head(count), table.head(count).itertuples()))
     written = []
     for key, _, probs, target in oof:
@@ -92,7 +90,7 @@ def write_gallery(
         image = read_image(path) if path.is_file() else None
         if image is not None and image.shape[:2] != target.shape:
             image = cv2.resize(image, target.shape[::-1], interpolation=cv2.INTER_AREA)
-        pred = np.einsum("rc,rchw->chw", w, np.stack(probs).astype(np.float32)).argmax(0)
+        pred = soft_scores(probs, weights).argmax(0)
         title = f"#{row.rank} {row.file_name}  score {row.score:.2f}  {row.top_confusion}"
         name = f"{row.rank:04d}_{Path(row.file_name).with_suffix('').as_posix().replace('/', '_')}.png"
         panels = [("label", target), ("OOF prediction", pred)]

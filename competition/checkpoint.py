@@ -115,6 +115,14 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
     return config_from_dict(yaml.safe_load(path.read_text()), source=str(path))
 
 
+def read_best_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A fold's ``best.json`` (fold, epoch, scores and classes of its best weights)."""
+    path = Path(run_dir) / BEST_META
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: fold {Path(run_dir).name} has no best checkpoint yet")
+    return json.loads(path.read_text())
+
+
 def load_fold_model(
     run_dir: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Config, dict[str, Any]]:
@@ -124,10 +132,7 @@ def load_fold_model(
     """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    meta_path = run_dir / BEST_META
-    if not meta_path.is_file():
-        raise CheckpointError(f"{meta_path} not found: fold {run_dir.name} has no best checkpoint yet")
-    meta = json.loads(meta_path.read_text())
+    meta = read_best_meta(run_dir)
     model = build_model(cfg, len(meta["classes"]), pretrained=False)
     load_weights(model, run_dir / BEST_WEIGHTS, device)
     return model.to(device).eval(), cfg, meta

@@ -11,7 +11,6 @@ averaged channel by channel.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import BEST_META, CheckpointError, fold_dirs
+from .checkpoint import CheckpointError, fold_dirs, read_best_meta
 from .io import NpzStreamWriter
 from .runtime import sample_id
 
@@ -115,7 +114,7 @@ class OofRuns:
                 if not path.is_file():
                     raise CheckpointError(f"no out-of-fold predictions {path} (train with train.oof=probs)")
                 data = np.load(path)
-                fold = int(json.loads((d / BEST_META).read_text())["fold"])
+                fold = int(read_best_meta(d)["fold"])
                 named.append((str(path), stored_class_names(data, path)))
                 ignores.append(
                     (str(path), int(data["ignore_index"].item()) if "ignore_index" in data.files else 255)

@@ -27,7 +27,6 @@ rank 0 writes files (out-of-fold predictions are made by rank 0 alone after trai
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -168,9 +167,8 @@ class FoldRun:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.start_epoch, self.best, self.skips = state["epoch"], dict(state["best"]), dict(state["skipped"])
-        meta_path = self.run_dir / ckpt.BEST_META
-        if meta_path.is_file():  # written after last.ckpt by a later epoch that is now being re-run
-            meta = json.loads(meta_path.read_text())
+        if (self.run_dir / ckpt.BEST_META).is_file():  # may be newer than last.ckpt: an epoch being re-run
+            meta = ckpt.read_best_meta(self.run_dir)
             if meta["miou"] > self.best["miou"]:
                 self.best = {"miou": meta["miou"], "epoch": meta["epoch"]}
         ckpt.set_rng_state(state["rng"])

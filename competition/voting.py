@@ -11,10 +11,13 @@ from .runtime import normalize_weights
 from .submission import mask_from_probs, resize_probs
 
 
-def weighted_average(probs: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
-    """``sum_i w_i p_i`` with weights normalised to sum 1 (float32)."""
-    w = normalize_weights(weights, len(probs))
-    return sum(float(wi) * p.astype(np.float32) for wi, p in zip(w, probs))
+def soft_scores(
+    probs: Sequence[np.ndarray], weights: np.ndarray | Sequence[float] | None = None
+) -> np.ndarray:
+    """``sum_r w[r, c] p_r[c]`` of members' probabilities ``[C, ...]``; ``weights`` per member or per member
+    and class (see ``class_weights``). With per-member weights this is their weighted mean."""
+    stack = np.stack([p.astype(np.float32) for p in probs])  # [R, C, ...]
+    return np.einsum("rc,rc...->c...", class_weights(weights, len(probs), stack.shape[1]), stack)
 
 
 def class_weights(weights: np.ndarray | Sequence[float] | None, members: int, classes: int) -> np.ndarray:
@@ -35,12 +38,12 @@ def combine(probs: Sequence[np.ndarray], weights: np.ndarray | None = None, vote
     see ``class_weights``). ``hard``: each member's argmax is a vote of its weight; a tie between classes goes
     to the one of larger summed probability.
     """
-    stack = np.stack([p.astype(np.float32) for p in probs])  # [R, C, H, W]
-    w = class_weights(weights, len(probs), stack.shape[1])
     if vote == "soft":
-        return np.einsum("rc,rchw->chw", w, stack).argmax(0)
+        return soft_scores(probs, weights).argmax(0)
     if vote != "hard":
         raise ValueError(f"vote must be 'soft' or 'hard', got {vote!r}")
+    stack = np.stack([p.astype(np.float32) for p in probs])  # [R, C, H, W]
+    w = class_weights(weights, len(probs), stack.shape[1])
     votes = np.zeros(stack.shape[1:], np.float64)
     for r, member in enumerate(stack):
         label = member.argmax(0)
@@ -56,7 +59,6 @@ def vote_mask(
     """Submission mask of several members' probabilities: resized to ``size`` first (the one route of
     ``submission.mask_from_probs``), then soft-voted (weighted sum, argmax) or hard-voted."""
     if vote == "soft":
-        w = class_weights(weights, len(members), members[0].shape[0])
-        return mask_from_probs(np.einsum("rc,rchw->chw", w, np.stack(members).astype(np.float32)), size)
+        return mask_from_probs(soft_scores(members, weights), size)
     resized = [resize_probs(m, size).half().numpy() for m in members]
     return combine(resized, weights, vote).astype(np.uint8)

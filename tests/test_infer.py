@@ -26,7 +26,7 @@ from competition.submission import (
     validate_submission,
     write_submission,
 )
-from competition.voting import weighted_average
+from competition.voting import soft_scores
 
 
 def pixelwise_model(classes=3, seed=0):
@@ -95,9 +95,7 @@ def test_ensemble_weights_against_hand_numbers():
     b = ModelSpec(constant_model([float(np.log(3.0)), 0.0]), None, None, weight=3.0)  # 0.75 / 0.25
     probs = Ensemble([a, b])(torch.rand(1, 3, 32, 32))
     assert probs[0, :, 0, 0].tolist() == pytest.approx([0.25 * 0.5 + 0.75 * 0.75, 0.25 * 0.5 + 0.75 * 0.25])
-    assert weighted_average([np.array([1.0, 0.0]), np.array([0.0, 1.0])], [1, 3]) == pytest.approx(
-        [0.25, 0.75]
-    )
+    assert soft_scores([np.array([1.0, 0.0]), np.array([0.0, 1.0])], [1, 3]) == pytest.approx([0.25, 0.75])
     with pytest.raises(ValueError, match="weights"):
         Ensemble([ModelSpec(constant_model([0.0]), weight=-1.0)])
 
