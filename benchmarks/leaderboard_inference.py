@@ -34,9 +34,9 @@ from competition.data.datasets import CocoSegmentationDataset, MaskFolderDataset
 from competition.data.synthetic import make_synthetic_dataset
 from competition.ensemble import search_weights
 from competition.folds import build_folds, write_folds
-from competition.infer import Ensemble, load_specs
 from competition.metrics import confusion, miou_of
 from competition.postprocess import tune
+from competition.predictor import Ensemble, load_specs
 from competition.train import train
 from competition.voting import combine
 

@@ -24,8 +24,9 @@ import torch
 from competition import checkpoint as ckpt
 from competition.config import config_from_dict
 from competition.data.coco import BOOSTCAMP_CLASSES
-from competition.infer import InferenceOptions, parse_tta, predict
+from competition.infer import predict
 from competition.io import atomic_write_text
+from competition.predictor import InferenceOptions, parse_tta
 from competition.runtime import autocast, build_model
 
 

@@ -38,6 +38,8 @@ class DataConfig(_Section):
     cache as ``competition prepare`` does). ``format: folder``: ``image_dir`` + ``mask_dir`` matched by stem
     (``value_map: binary`` maps mask > 127 to class 1). ``folds``: CSV with ``image_id`` and ``fold``.
     ``exclude``: file names left out of training and validation (``competition audit`` helps to find them).
+    ``extra``: pseudo-labelled sets (folders written by ``competition pseudo``) added to the training split of
+    every fold, never to validation.
     """
 
     format: Literal["coco", "folder"] = "coco"
@@ -52,6 +54,7 @@ class DataConfig(_Section):
     value_map: Literal["binary"] | dict[int, int] | None = "binary"
     folds: Path
     exclude: Path | None = None
+    extra: list[Path] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _paths_for_format(self) -> DataConfig:
@@ -153,7 +156,12 @@ class SchedulerConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    """Albumentations pipeline; probabilities in [0, 1]. ``size``: random training crop (padded if small)."""
+    """Albumentations pipeline; probabilities in [0, 1]. ``size``: random training crop (padded if small).
+
+    ``copy_paste``: probability of pasting 1..``copy_paste_objects`` object instances (COCO annotations of the
+    fold's training split) into a training image, resized by a factor in ``copy_paste_scale``, the class drawn
+    uniformly first when ``copy_paste_balanced`` (see ``competition.data.copy_paste``).
+    """
 
     size: int | None = Field(default=None, ge=32)
     hflip: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -164,6 +172,17 @@ class AugmentConfig(_Section):
     color: float = Probability
     normalize: Literal["imagenet", "none"] = "imagenet"
     eval_size: int | None = Field(default=None, ge=32)
+    copy_paste: float = Probability
+    copy_paste_objects: int = Field(default=3, ge=1)
+    copy_paste_scale: tuple[float, float] = (0.5, 1.5)
+    copy_paste_balanced: bool = True
+
+    @field_validator("copy_paste_scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("must be [low, high] with 0 < low <= high")
+        return value
 
 
 class TrainConfig(_Section):
@@ -200,6 +219,15 @@ class Config(_Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _copy_paste_needs_instances(self) -> Config:
+        if self.augment.copy_paste and self.data.format != "coco":
+            raise ValueError(
+                "augment.copy_paste pastes object instances from COCO annotations; data.format "
+                f"{self.data.format!r} has none (set augment.copy_paste=0)"
+            )
+        return self
 
     def run_dir(self, fold: int) -> Path:
         return self.output_dir / self.name / f"fold{fold}"
@@ -266,6 +294,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         ):
             if isinstance(data.get(key), str):
                 data[key] = str((base / os.path.expanduser(data[key])).resolve())
+        if isinstance(data.get("extra"), list):
+            data["extra"] = [
+                str((base / os.path.expanduser(v)).resolve()) if isinstance(v, str) else v
+                for v in data["extra"]
+            ]
     raw.setdefault("output_dir", "runs")
     if isinstance(raw.get("output_dir"), str):
         raw["output_dir"] = str((base / raw["output_dir"]).resolve())

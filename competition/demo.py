@@ -36,8 +36,9 @@ def run_demo(
     from .data.synthetic import make_synthetic_dataset
     from .ensemble import evaluate_oof
     from .folds import build_folds, fold_summary, write_folds
-    from .infer import InferenceOptions, parse_tta, predict
+    from .infer import predict
     from .oof import OofRuns
+    from .predictor import InferenceOptions, parse_tta
     from .submission import validate_submission
     from .train import train
 

@@ -8,7 +8,8 @@ from torch import nn
 
 from competition.cli import main
 from competition.ensemble import evaluate_oof, search_weights
-from competition.infer import (
+from competition.io import OutputExistsError
+from competition.predictor import (
     Ensemble,
     InferenceOptions,
     ModelSpec,
@@ -18,7 +19,6 @@ from competition.infer import (
     sliding_window_probs,
     tta_probs,
 )
-from competition.io import OutputExistsError
 from competition.submission import (
     rle_decode,
     rle_encode,

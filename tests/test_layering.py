@@ -1,6 +1,6 @@
 """The pipeline's layering, read from the source with ``ast`` (function-level imports included):
 
-    cli, demo  ->  stages (folds, train, infer, ensemble, ...)  ->  floor (runtime, data, oof, ...)
+    cli, commands, demo  ->  stages (folds, train, infer, ensemble, ...)  ->  floor (runtime, data, oof, ...)
 
 No stage imports another stage to borrow a helper, nothing on the floor imports a stage, nothing but cli and
 demo imports ``train``, and there is no import cycle.
@@ -9,7 +9,7 @@ demo imports ``train``, and there is no import cycle.
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "competition"
-TOP = {"cli", "demo"}
+TOP = {"cli", "commands", "demo"}
 STAGES = {"folds", "train", "infer", "ensemble", "pseudo", "audit", "report"}
 
 

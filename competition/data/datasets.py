@@ -13,35 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from .coco import CocoIndex, MaskCache, load_mask, safe_join
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-
-
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """RGB uint8 ``[H, W, 3]`` from any common image: grayscale is repeated, alpha dropped, 16-bit scaled."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    if path.stat().st_size == 0:
-        raise OSError(f"image file is empty (0 bytes): {path}")
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise OSError(f"cannot decode image (corrupt or unsupported format): {path}")
-    if image.dtype == np.uint16:
-        image = (image // 257).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        raise OSError(f"unsupported image dtype {image.dtype}: {path}")
-    if image.ndim == 2:
-        return np.repeat(image[:, :, None], 3, axis=2)
-    if image.shape[2] == 4:
-        image = image[:, :, :3]
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+from .copy_paste import CopyPaste
+from .images import IMAGE_SUFFIXES, read_image
 
 
 def to_sample(
@@ -58,7 +36,7 @@ def to_sample(
     return sample
 
 
-def _check_same_size(image: np.ndarray, mask: np.ndarray, image_path: Path, mask_source: str) -> None:
+def check_same_size(image: np.ndarray, mask: np.ndarray, image_path: Path, mask_source: str) -> None:
     if image.shape[:2] != mask.shape[:2]:
         raise ValueError(
             f"image {image_path} is {image.shape[1]}x{image.shape[0]} but its mask ({mask_source}) is "
@@ -75,12 +53,14 @@ class CocoSegmentationDataset(Dataset):
         data_root: str | os.PathLike,
         image_ids: Sequence[int] | None = None,
         transform: Callable[..., dict[str, Any]] | None = None,
+        paste: CopyPaste | None = None,
     ):
         if not cache.is_complete():
             raise RuntimeError(
                 f"mask cache {cache.dir} is not built; run `competition prepare` or cache.build()"
             )
-        self.cache, self.root, self.transform = cache, Path(data_root), transform
+        self.cache, self.root, self.transform, self.paste = cache, Path(data_root), transform, paste
+        self._seed: int | None = None
         self.image_ids = list(image_ids) if image_ids is not None else cache.coco.image_ids()
         unknown = [i for i in self.image_ids if i not in cache.coco.images]
         if unknown:
@@ -88,6 +68,12 @@ class CocoSegmentationDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def reseed(self, seed: int) -> None:
+        """Seed the transform and the copy-paste draws of the next sample."""
+        self._seed = seed
+        if self.transform is not None:
+            self.transform.set_random_seed(seed)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         info = self.cache.coco.images[self.image_ids[i]]
@@ -99,7 +85,9 @@ class CocoSegmentationDataset(Dataset):
                 f"{info.width}x{info.height} (image id {info.id})"
             )
         mask = self.cache.load(info.id)
-        _check_same_size(image, mask, path, str(self.cache.mask_path(info.id)))
+        check_same_size(image, mask, path, str(self.cache.mask_path(info.id)))
+        if self.paste is not None:
+            image, mask = self.paste(image, mask, np.random.default_rng(self._seed), info.id)
         sample = to_sample(image, mask, self.transform)
         return {**sample, "image_id": info.id, "file_name": info.file_name}
 
@@ -154,7 +142,7 @@ class MaskFolderDataset(Dataset):
         stem = self.stems[i]
         image = read_image(self.images[stem])
         raw = load_mask(self.masks[stem])
-        _check_same_size(image, raw, self.images[stem], str(self.masks[stem]))
+        check_same_size(image, raw, self.images[stem], str(self.masks[stem]))
         sample = to_sample(image, self._map_values(raw), self.transform)
         return {**sample, "image_id": stem, "file_name": self.images[stem].name}
 

@@ -138,19 +138,23 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
 
         actual, _ = data_files(cfg)
         train_ids, val_ids = read_folds(cfg, fold, actual, str(cfg.data.image_dir))
+        labelled = [actual[i] for i in train_ids + val_ids]
         train_ids, val_ids = _without_excluded(cfg, actual, train_ids, val_ids)
 
         def make(ids: list[Any], tf: Any) -> Dataset:
             return MaskFolderDataset(cfg.data.image_dir, cfg.data.mask_dir, tf, cfg.data.value_map, ids)
 
-        return make(train_ids, train_tf), make(val_ids, eval_tf), names
+        train = _with_extra(cfg, make(train_ids, train_tf), names, labelled, train_tf)
+        return train, make(val_ids, eval_tf), names
 
     from .coco import ClassMap, MaskCache, load_coco, read_merge_map
+    from .copy_paste import CopyPaste
     from .datasets import CocoSegmentationDataset
 
     coco = load_coco(cfg.data.annotations, cfg.data.root)
     actual = {str(i): info.file_name for i, info in coco.images.items()}
     train_ids, val_ids = read_folds(cfg, fold, actual, str(cfg.data.annotations))
+    labelled = [actual[i] for i in train_ids + val_ids]
     train_ids, val_ids = _without_excluded(cfg, actual, train_ids, val_ids)
     merge = read_merge_map(cfg.data.merge_map) if cfg.data.merge_map else None
     class_map = ClassMap.build(coco.categories, names, merge, source=str(cfg.data.annotations))
@@ -159,11 +163,32 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
         cache.build(progress=cfg.train.progress)
     if dist is not None:
         dist.barrier()
+    train_ints = [int(i) for i in train_ids]
+    paste = None
+    if cfg.augment.copy_paste:
+        aug = cfg.augment
+        paste = CopyPaste(
+            coco, class_map.category_to_class, cfg.data.root, train_ints, aug.copy_paste,
+            aug.copy_paste_objects, aug.copy_paste_scale, aug.copy_paste_balanced,
+        )  # fmt: skip
+    train = CocoSegmentationDataset(cache, cfg.data.root, train_ints, train_tf, paste)
     return (
-        CocoSegmentationDataset(cache, cfg.data.root, [int(i) for i in train_ids], train_tf),
+        _with_extra(cfg, train, names, labelled, train_tf),
         CocoSegmentationDataset(cache, cfg.data.root, [int(i) for i in val_ids], eval_tf),
         names,
     )
+
+
+def _with_extra(cfg: Config, train: Dataset, names: list[str], labelled: list[str], tf: Any) -> Dataset:
+    """``data.extra``: pseudo-labelled sets appended to the training split, checked against the file names
+    ``labelled`` (every image of the folds file, validation and excluded ones included)."""
+    if not cfg.data.extra:
+        return train
+    from .coco import safe_join
+    from .pseudo_labels import with_extra
+
+    base = Path(cfg.data.image_dir if cfg.data.format == "folder" else cfg.data.root)
+    return with_extra(train, cfg.data.extra, names, [safe_join(base, n) for n in labelled], tf)
 
 
 def _without_excluded(

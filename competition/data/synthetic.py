@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,13 @@ def _polygon(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _image(
-    rng: np.random.Generator, size: int, classes: int
+    rng: np.random.Generator, size: int, classes: int, frequency: np.ndarray | None = None
 ) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     base = rng.uniform(40, 160, 3).astype(np.float32)
     slope = rng.uniform(-0.4, 0.4, 2)
     image = base + (slope[0] * xx + slope[1] * yy)[..., None] + rng.normal(0, 8, (size, size, 3))
-    present = rng.choice(np.arange(1, classes), size=int(rng.integers(1, 5)), replace=False)
+    present = rng.choice(np.arange(1, classes), size=int(rng.integers(1, 5)), replace=False, p=frequency)
     objects = [(int(cls), _polygon(rng, size)) for cls in present]
     objects.sort(key=lambda o: -cv2.contourArea(o[1].astype(np.float32)))
     for cls, points in objects:
@@ -65,8 +66,12 @@ def make_synthetic_dataset(
     size: int = 128,
     seed: int = 0,
     class_names: tuple[str, ...] = BOOSTCAMP_CLASSES,
+    class_frequency: Sequence[float] | None = None,
 ) -> dict[str, Path]:
     """Write ``train.json``, ``test.json`` (no annotations) and JPEG images under ``out_dir``.
+
+    ``class_frequency``: relative weight of each foreground class when an image's classes are drawn (default:
+    all equal), e.g. to make some classes rare as Battery and Clothing are in the Boostcamp data.
 
     Images go into two folders (``batch_01``, ``batch_02``) like Boostcamp's ``batch_01_vt``.
     Returns the paths.
@@ -74,6 +79,11 @@ def make_synthetic_dataset(
     out = Path(out_dir)
     rng = np.random.default_rng(seed)
     classes = len(class_names)
+    frequency = None
+    if class_frequency is not None:
+        if len(class_frequency) != classes - 1 or min(class_frequency) <= 0:
+            raise ValueError(f"class_frequency needs {classes - 1} positive weights, got {class_frequency}")
+        frequency = np.asarray(class_frequency, float) / np.sum(class_frequency)
     categories = [{"id": i, "name": n, "supercategory": n} for i, n in enumerate(class_names) if i > 0]
     coco: dict[str, dict[str, Any]] = {
         split: {"images": [], "annotations": [], "categories": categories} for split in ("train", "test")
@@ -82,7 +92,7 @@ def make_synthetic_dataset(
     for index in range(n_train + n_test):
         split = "train" if index < n_train else "test"
         file_name = f"batch_{1 + index % 2:02d}/{split}_{index:04d}.jpg"
-        image, objects = _image(rng, size, classes)
+        image, objects = _image(rng, size, classes, frequency)
         (out / file_name).parent.mkdir(parents=True, exist_ok=True)
         if not cv2.imwrite(
             str(out / file_name), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]

@@ -61,6 +61,15 @@ def build_eval_transform(aug: Any) -> A.Compose:
     return A.Compose(steps + _normalize(aug))
 
 
+def reseed(dataset: Dataset, seed: int) -> None:
+    """Seed what draws random numbers in ``dataset``: its ``reseed`` method if it has one (datasets with
+    more than a transform, such as copy-paste), else its albumentations transform."""
+    if hasattr(dataset, "reseed"):
+        dataset.reseed(seed)
+    elif getattr(dataset, "transform", None) is not None:
+        dataset.transform.set_random_seed(seed)
+
+
 class EpochSeeded(Dataset):
     """Seeds the wrapped dataset's albumentations transform per (seed, epoch, index) before each sample.
 
@@ -78,7 +87,5 @@ class EpochSeeded(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        transform = getattr(self.dataset, "transform", None)
-        if transform is not None:
-            transform.set_random_seed((self.seed * 1_000_003 + self.epoch * 10_007 + i) % 2**32)
+        reseed(self.dataset, (self.seed * 1_000_003 + self.epoch * 10_007 + i) % 2**32)
         return self.dataset[i]

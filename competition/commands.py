@@ -1,0 +1,255 @@
+"""What each ``competition`` command does with its parsed arguments: call one stage, print its summary.
+
+The argument parser is in ``cli``; each ``cmd_<name>`` here returns the process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .data.coco import ClassMap, MaskCache, load_coco, read_merge_map
+from .io import check_writable
+
+
+def _class_map(args: argparse.Namespace):
+    coco = load_coco(args.annotations, args.data_root)
+    names = [n.strip() for n in args.classes.split(",")] if args.classes else None
+    merge = read_merge_map(args.merge_map) if args.merge_map else None
+    return coco, ClassMap.build(coco.categories, names, merge, source=str(args.annotations))
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.stats import write_overlays, write_statistics
+
+    coco, class_map = _class_map(args)
+    cache = MaskCache(coco, class_map, args.cache_dir or args.data_root / ".mask_cache", crowd=args.crowd)
+    index = cache.build(workers=args.workers)
+    out = args.out or cache.dir / "stats"
+    stats = write_statistics(cache, out)
+    overlays = write_overlays(cache, args.data_root, out, count=args.overlays)
+    print(f"masks: {len(index)} images in {cache.dir}")
+    if coco.issues:
+        print(f"annotation problems: {dict(coco.issues)} (details above)")
+    print(stats.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"statistics: {out / 'class_stats.csv'}, {out / 'class_stats.png'}, {len(overlays)} overlays")
+    return 0
+
+
+def cmd_folds(args: argparse.Namespace) -> int:
+    from .data.splits import read_exclude
+    from .folds import build_folds, fold_summary, read_groups, stratification_error, write_folds
+
+    check_writable(args.out, args.overwrite)  # fail before the work, not after
+    coco, class_map = _class_map(args)
+    groups = read_groups(args.groups) if args.groups else None
+    files = [info.file_name for info in coco.images.values()]
+    exclude = read_exclude(args.exclude, files) if args.exclude else None
+    table = build_folds(coco, class_map, args.k, args.seed, args.group_by_folder, groups, exclude)
+    if exclude:
+        print(f"left out {len(exclude)} images listed in {args.exclude}")
+    write_folds(table, args.out, overwrite=args.overwrite)
+    names = list(class_map.names[1:])
+    print(fold_summary(table).to_string())
+    error = stratification_error(table[names].to_numpy(), table["fold"].to_numpy())
+    print(f"max per-class deviation of fold frequency from overall: {error.max():.4f}")
+    print(f"folds: {args.out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.overrides)
+    results = train(cfg, args.fold, resume=args.resume, overwrite=args.overwrite)
+    for r in results if os.environ.get("RANK", "0") == "0" else []:
+        print(f"fold {r.fold}: best mIoU {r.best_miou:.4f} at epoch {r.best_epoch} -> {r.run_dir}")
+    return 0
+
+
+def _floats(text: str | None) -> list[float] | None:
+    return [float(x) for x in text.split(",")] if text else None
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .infer import predict
+
+    summary = predict(
+        args.runs,
+        args.data_root,
+        args.test,
+        args.out,
+        weights=_floats(args.weights),
+        opts=_inference_options(args),
+        fmt=args.format,
+        size=args.size or None,
+        save_probs=args.save_probs,
+        probs_size=args.probs_size or None,
+        overlays=args.overlays,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=_device(args.device),
+        overwrite=args.overwrite,
+        postprocess=args.postprocess,
+    )
+    print(
+        f"{summary['images']} images x {summary['models']} models x {summary['views']} views in "
+        f"{summary['seconds']:.1f}s -> {summary['submission']} (validated)"
+    )
+    if summary["probs"]:
+        print(f"probabilities: {summary['probs']}")
+    return 0
+
+
+def _inference_options(args: argparse.Namespace) -> Any:
+    from .predictor import InferenceOptions, parse_tta
+
+    return InferenceOptions(
+        views=parse_tta(args.tta),
+        scales=_floats(args.scales) or [1.0],
+        tile=args.tile,
+        overlap=args.overlap,
+        amp=args.amp,
+        channels_last=args.channels_last,
+    )
+
+
+def cmd_pseudo(args: argparse.Namespace) -> int:
+    from .pseudo import coverage_summary, make_pseudo
+
+    summary = make_pseudo(
+        args.runs,
+        args.data_root,
+        args.test,
+        args.out,
+        threshold=args.threshold,
+        weights=_floats(args.weights),
+        opts=_inference_options(args),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=_device(args.device),
+        overwrite=args.overwrite,
+    )
+    table = coverage_summary(summary["coverage"], summary["classes"])
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(
+        f"{summary['images']} images pseudo-labelled -> {summary['dir']} (coverage.csv per image). "
+        f"Train on them with data.extra=[{summary['dir']}]"
+    )
+    return 0
+
+
+def _device(name: str) -> str:
+    from .runtime import resolve_device
+
+    return str(resolve_device(name))
+
+
+def _test_ids(test: Path) -> list[str]:
+    """File names of a test COCO json in its order (the submission's expected ``image_id`` column)."""
+    return [info.file_name for info in load_coco(test, None).images.values()]
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .data.coco import load_coco
+    from .ensemble import load_weights, read_prob_files
+    from .postprocess import PostProcess
+    from .submission import submission_rows, write_submission
+    from .voting import vote_mask
+
+    coco = load_coco(args.test, None)
+    size = args.size or None
+    names, members = read_prob_files(args.probs, [str(i) for i in coco.images])
+    weights = (
+        load_weights(args.weights_file, len(args.probs), names)
+        if args.weights_file
+        else _floats(args.weights)
+    )
+    post = PostProcess.load(args.postprocess, names) if args.postprocess else None
+    rows = []
+    for (_, probs), info in zip(members, coco.images.values()):
+        mask = vote_mask(probs, weights, args.vote, size)
+        rows += submission_rows(info.file_name, post(mask) if post else mask, args.format, size)
+    expected = [info.file_name for info in coco.images.values()]
+    path = write_submission(rows, args.out, expected, len(names), args.format, size, args.overwrite)
+    print(f"{args.vote} vote of {len(args.probs)} probability files -> {path} (validated)")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .submission import validate_submission
+
+    problems = validate_submission(
+        args.submission, _test_ids(args.test), args.classes, args.format, args.size or None
+    )
+    if problems:
+        print(f"{args.submission}: INVALID, {len(problems)} problem(s) (first shown):", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    print(f"{args.submission}: valid ({args.format}, {args.classes} classes)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .ensemble import evaluate_oof, save_weights, search_weights
+    from .oof import OofRuns
+
+    weights = _floats(args.weights)
+    table = lambda frame: frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")  # noqa: E731
+    if args.search_weights:
+        found = search_weights(args.runs, args.step, per_class=args.per_class)
+        weights = found.weights
+        print(table(found.table.head(10)))
+        kind = "per-class weights" if args.per_class else f"weights {[round(float(w), 3) for w in weights]}"
+        print(
+            f"best {kind}: OOF mIoU {found.in_sample:.4f} in-sample (on the images they were chosen on: "
+            f"optimistic); {found.nested:.4f} nested (each fold scored with weights chosen on the other "
+            "folds): expect the latter"
+        )
+        if args.save_weights:
+            save_weights(args.save_weights, found, args.runs, OofRuns(args.runs).class_names, args.overwrite)
+            print(f"weights: {args.save_weights}")
+    print(table(evaluate_oof(args.runs, weights)))
+    if args.tune_postprocess:
+        from .postprocess import tune
+
+        tuned = tune(args.runs, weights)
+        tuned.postprocess.save(args.tune_postprocess, args.overwrite)
+        pp = tuned.postprocess
+        print(
+            f"post-processing (min_area as a fraction of the image): min_area {pp.min_area}, fill_holes "
+            f"{sorted(pp.fill_holes)}"
+        )
+        print(
+            f"OOF mIoU: plain {tuned.baseline:.4f}, post-processed {tuned.in_sample:.4f} in-sample, "
+            f"{tuned.nested:.4f} nested -> {args.tune_postprocess}"
+        )
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import run_audit
+
+    table, gallery = run_audit(args.runs, args.out, _floats(args.weights), args.gallery, args.overwrite)
+    shown = table.head(10)[["rank", "file_name", "fold", "score", "pixel_error", "top_confusion"]]
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(
+        f"{len(table)} images ranked -> {Path(args.out) / 'audit.csv'}; {len(gallery)} panels in "
+        f"{Path(args.out) / 'gallery'}. Put the file names of wrong labels in an exclude list "
+        "(folds --exclude FILE, or data.exclude=FILE) and retrain."
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        args.out, images=args.images, epochs=args.epochs, overrides=args.overrides, overwrite=args.overwrite
+    )
+    return 0
