@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs", type=int, default=None, help="epochs per fold (default: the tiny_cpu config's)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--pseudo", action="store_true", help="add one pseudo-label round on the test images (~2x the time)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of configs/tiny_cpu.yaml")
     p.set_defaults(func=commands.cmd_demo)
     return parser

@@ -250,6 +250,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(
-        args.out, images=args.images, epochs=args.epochs, overrides=args.overrides, overwrite=args.overwrite
+        args.out,
+        images=args.images,
+        epochs=args.epochs,
+        overrides=args.overrides,
+        overwrite=args.overwrite,
+        pseudo=args.pseudo,
     )
     return 0

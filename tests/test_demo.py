@@ -21,3 +21,14 @@ def test_shortened_demo_runs_every_stage_and_learns(tmp_path):
     assert result["oof_miou"] > result["chance_miou"] + 0.05, result
     with pytest.raises(OutputExistsError, match="--overwrite"):
         run_demo(out, images=24, size=64, epochs=1, progress=False)
+
+
+def test_demo_pseudo_round_trains_on_the_pseudo_set_and_writes_a_second_submission(tmp_path):
+    out = tmp_path / "demo"
+    result = run_demo(out, images=12, test_images=3, size=64, epochs=1, progress=False, pseudo=True)
+    second = result["pseudo"]
+    manifest = pd.read_json(out / "pseudo_round1" / "pseudo.json", typ="series")
+    assert len(manifest["images"]) == 3
+    saved = (second["run_dir"] / "fold0" / "config.yaml").read_text()
+    assert str(out / "pseudo_round1") in saved  # round 2 trained with data.extra
+    assert validate_submission(second["submission"], pd.read_csv(out / "submission.csv")["image_id"], 11) == []
