@@ -8,6 +8,7 @@ Did you mean 'epochs'?``). Relative paths are resolved against the current direc
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -185,7 +186,18 @@ class AugmentConfig(_Section):
         return value
 
 
+# packages each experiment tracker needs (competition.tracking); the "track" extra installs them
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard",),
+    "mlflow": ("mlflow", "sqlalchemy", "alembic"),
+    "wandb": ("wandb",),
+}
+
+
 class TrainConfig(_Section):
+    """The training loop. ``loggers``: experiment trackers besides ``metrics.csv`` (see
+    ``competition.tracking``)."""
+
     epochs: int = Field(default=20, ge=1)
     batch_size: int = Field(default=8, ge=1)
     val_batch_size: int | None = Field(default=None, ge=1)
@@ -205,6 +217,16 @@ class TrainConfig(_Section):
     oof: Literal["probs", "argmax", "none"] = "probs"
     oof_size: int | None = Field(default=None, ge=8)
     progress: bool = True
+    loggers: list[Literal["csv", "tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["csv"])
+
+    @field_validator("loggers")
+    @classmethod
+    def _installed(cls, value: list[str]) -> list[str]:
+        for name in value:
+            missing = [p for p in TRACKER_PACKAGES.get(name, ()) if importlib.util.find_spec(p) is None]
+            if missing:
+                raise ValueError(f'logger {name!r} needs {", ".join(missing)}: pip install -e ".[track]"')
+        return list(dict.fromkeys(value))
 
 
 class Config(_Section):

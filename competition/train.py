@@ -54,14 +54,8 @@ from .metrics import ConfusionMatrix
 from .oof import OOF_FILE, OofWriter
 from .optim import build_optimizer, build_scheduler
 from .records import best_meta, epoch_line, write_curves
-from .runtime import (
-    autocast,
-    batch_to_device,
-    build_model,
-    collate,
-    init_distributed,
-    unwrap,
-)
+from .runtime import autocast, batch_to_device, build_model, collate, init_distributed, unwrap
+from .tracking import Trackers
 from .validation import evaluate
 
 PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one reads the loss from the device)
@@ -280,36 +274,47 @@ class FoldRun:
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.cfg.train.compile:
             model = torch.compile(model)
-        for epoch in range(self.start_epoch, self.cfg.train.epochs):
-            self.seeded.set_epoch(epoch)
-            if self.ddp.enabled:
-                self.sampler.set_epoch(epoch)
-            self.sampler_gen.manual_seed(self.cfg.train.seed + epoch)
-            started = time.perf_counter()
-            train_loss = self.train_epoch(model, epoch)
-            train_seconds = time.perf_counter() - started
-            val_loss, matrix = self.validate()
-            images = len(self.train_loader) * self.cfg.train.batch_size * self.ddp.world
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "miou": matrix.miou()}
-            row |= {f"iou_{n}": v for n, v in zip(self.names, matrix.iou())}
-            row |= {"pixel_acc": matrix.pixel_accuracy(), "lr": self.optimizer.param_groups[0]["lr"]}
-            row |= {"seconds": time.perf_counter() - started, "train_img_s": images / train_seconds}
-            self.rows.append(row)
-            improved = math.isfinite(row["miou"]) and row["miou"] > self.best["miou"]
-            if improved:
-                self.best = {"miou": row["miou"], "epoch": epoch + 1}
-            if self.ddp.main:
-                self.save(epoch, row, improved)
-                tqdm.write(epoch_line(self.fold, self.cfg.train.epochs, row, improved))
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, row)
-            self.ddp.barrier()
-        if self.ddp.main and self.cfg.train.oof != "none" and (self.run_dir / ckpt.BEST_WEIGHTS).is_file():
-            self.write_oof()
+        with Trackers(self.cfg, self.run_dir, enabled=self.ddp.main) as trackers:
+            for epoch in range(self.start_epoch, self.cfg.train.epochs):
+                row, improved = self.epoch(model, epoch)
+                if self.ddp.main:
+                    self.save(epoch, row, improved)
+                    trackers.epoch(row)
+                    tqdm.write(epoch_line(self.fold, self.cfg.train.epochs, row, improved))
+                    if on_epoch_end is not None:
+                        on_epoch_end(epoch, row)
+                self.ddp.barrier()
+            if (
+                self.ddp.main
+                and self.cfg.train.oof != "none"
+                and (self.run_dir / ckpt.BEST_WEIGHTS).is_file()
+            ):
+                self.write_oof()
         self.ddp.barrier()
         return FoldResult(
             self.fold, self.run_dir, self.best["miou"], self.best["epoch"], pd.DataFrame(self.rows)
         )
+
+    def epoch(self, model: nn.Module, epoch: int) -> tuple[dict[str, Any], bool]:
+        """Train and validate one epoch: its ``metrics.csv`` row, and whether it is the best so far."""
+        self.seeded.set_epoch(epoch)
+        if self.ddp.enabled:
+            self.sampler.set_epoch(epoch)
+        self.sampler_gen.manual_seed(self.cfg.train.seed + epoch)
+        started = time.perf_counter()
+        train_loss = self.train_epoch(model, epoch)
+        train_seconds = time.perf_counter() - started
+        val_loss, matrix = self.validate()
+        images = len(self.train_loader) * self.cfg.train.batch_size * self.ddp.world
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "miou": matrix.miou()}
+        row |= {f"iou_{n}": v for n, v in zip(self.names, matrix.iou())}
+        row |= {"pixel_acc": matrix.pixel_accuracy(), "lr": self.optimizer.param_groups[0]["lr"]}
+        row |= {"seconds": time.perf_counter() - started, "train_img_s": images / train_seconds}
+        self.rows.append(row)
+        improved = math.isfinite(row["miou"]) and row["miou"] > self.best["miou"]
+        if improved:
+            self.best = {"miou": row["miou"], "epoch": epoch + 1}
+        return row, improved
 
     def write_oof(self) -> float:
         """Predict the validation fold with the best weights into ``oof.npz``; returns its mIoU."""

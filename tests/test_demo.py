@@ -31,4 +31,6 @@ def test_demo_pseudo_round_trains_on_the_pseudo_set_and_writes_a_second_submissi
     assert len(manifest["images"]) == 3
     saved = (second["run_dir"] / "fold0" / "config.yaml").read_text()
     assert str(out / "pseudo_round1") in saved  # round 2 trained with data.extra
-    assert validate_submission(second["submission"], pd.read_csv(out / "submission.csv")["image_id"], 11) == []
+    assert (
+        validate_submission(second["submission"], pd.read_csv(out / "submission.csv")["image_id"], 11) == []
+    )
