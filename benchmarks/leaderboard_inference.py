@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from competition.audit import audit_table
 from competition.config import config_from_dict
 from competition.data.coco import ClassMap, MaskCache, load_coco
 from competition.data.datasets import CocoSegmentationDataset, MaskFolderDataset
@@ -37,6 +36,7 @@ from competition.folds import build_folds, write_folds
 from competition.metrics import confusion, miou_of
 from competition.postprocess import tune
 from competition.predictor import Ensemble, load_specs
+from competition.scores import audit_table
 from competition.train import train
 from competition.voting import combine
 

@@ -158,7 +158,8 @@ def one_seed(dataset: str, seed: int, out: Path, rounds: int) -> list[dict]:
     rows: list[dict] = []
 
     def run(name: str, overrides: list[str]) -> Path:
-        cfg = config_from_dict({"name": name, "output_dir": str(root / "runs"), **setup["base"]}, overrides)
+        raw = {"name": name.replace(" ", "_"), "output_dir": str(root / "runs"), **setup["base"]}
+        cfg = config_from_dict(raw, overrides)
         started = time.perf_counter()
         train(cfg, "all", resume=True)  # a re-run of the script re-evaluates finished folds, never retrains
         row = {

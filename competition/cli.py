@@ -210,6 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_audit)
 
     p = sub.add_parser(
+        "report",
+        help="one self-contained HTML report of runs: config, curves, OOF scores, per-class IoU, confusion "
+        "matrix, worst OOF images, submission class distribution",
+    )
+    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs trained on the same folds")
+    p.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file to write")
+    p.add_argument("--submission", type=Path, default=None, help="a submission CSV to compare with training")
+    _add_submission_args(p)
+    p.add_argument("--worst", type=int, default=8, help="show the N worst OOF images")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=commands.cmd_report)
+
+    p = sub.add_parser(
         "demo",
         help="the whole pipeline on a generated synthetic trash dataset (CPU, ~2 min)",
         description="Generate a small synthetic trash COCO dataset, then prepare -> folds (k=3) -> train "

@@ -196,8 +196,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .ensemble import evaluate_oof, save_weights, search_weights
+    from .ensemble import save_weights, search_weights
     from .oof import OofRuns
+    from .scores import evaluate_oof
 
     weights = _floats(args.weights)
     table = lambda frame: frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")  # noqa: E731
@@ -243,6 +244,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
         f"{Path(args.out) / 'gallery'}. Put the file names of wrong labels in an exclude list "
         "(folds --exclude FILE, or data.exclude=FILE) and retrain."
     )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    path = build_report(
+        args.runs, args.out, args.submission, args.format, args.size or None, args.worst, args.overwrite
+    )
+    print(f"report: {path.resolve()} (self-contained; open it in a browser: file://{path.resolve()})")
     return 0
 
 

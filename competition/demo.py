@@ -37,11 +37,12 @@ def run_demo(
     from .data.coco import ClassMap, MaskCache, load_coco
     from .data.stats import write_statistics
     from .data.synthetic import make_synthetic_dataset
-    from .ensemble import evaluate_oof
     from .folds import build_folds, fold_summary, write_folds
     from .infer import predict
     from .oof import OofRuns
     from .predictor import InferenceOptions, parse_tta
+    from .report import build_report
+    from .scores import evaluate_oof
     from .submission import validate_submission
     from .train import train
 
@@ -121,6 +122,9 @@ def run_demo(
             stage, settings + list(overrides or []), run, data, paths["test"], out, progress
         )
 
+    stage("report: one self-contained HTML page of the run")
+    report = build_report([run], out / "report.html", out / "submission.csv")
+
     seconds = time.perf_counter() - started
     result = {
         "fold_miou": [r.best_miou for r in results],
@@ -129,6 +133,7 @@ def run_demo(
         "submission": summary["submission"],
         "seconds": seconds,
         "run_dir": run,
+        "report": report,
         "files": [
             out / "submission.csv",
             out / "test_probs.npz",
@@ -150,6 +155,7 @@ def run_demo(
             f"submission: {second['submission']}"
         )
     print("look at: " + ", ".join(str(f) for f in result["files"][2:]))
+    print(f"report: {report.resolve()} (open it in a browser)")
     print(f"done in {seconds:.0f}s. Next: the same stages on your data, see README 'Pipeline'.")
     return result
 
@@ -160,10 +166,10 @@ def _pseudo_round(
     """Pseudo-label the test images with ``run``, train again with them (``settings`` + ``data.extra``),
     evaluate on the labelled images' OOF, predict the test set."""
     from .config import load_config
-    from .ensemble import evaluate_oof
     from .infer import predict
     from .predictor import InferenceOptions, parse_tta
     from .pseudo import coverage_summary, make_pseudo
+    from .scores import evaluate_oof
     from .train import train
 
     stage(

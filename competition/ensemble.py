@@ -23,45 +23,9 @@ import pandas as pd
 
 from .checkpoint import CheckpointError
 from .io import atomic_write_text
-from .metrics import miou_of
 from .oof import OofRuns, check_same_classes, stored_class_names
 from .tuning import FoldTable, nested_folds
 from .voting import class_weights, combine
-
-
-def evaluate_oof(
-    runs: Sequence[str | os.PathLike], weights: np.ndarray | Sequence[float] | None = None
-) -> pd.DataFrame:
-    """OOF mIoU of each run per fold and over all folds (its fold ensemble's CV score) and, with several runs,
-    of the weighted soft vote and of the hard vote."""
-    oof = OofRuns(runs)
-    w = class_weights(weights, len(oof.runs), oof.num_classes)
-    per_class = weights is not None and np.ndim(weights) == 2
-    soft = "soft vote " + ("per-class weights" if per_class else "+".join(f"{x:.2f}" for x in w[:, 0]))
-    table = FoldTable(oof.num_classes, oof.ignore_index)
-    for _, fold, probs, target in oof:
-        for run, p in zip(oof.runs, probs):
-            table.add(fold, run.name, p.argmax(0), target)
-        if len(oof.runs) > 1:
-            table.add(fold, soft, combine(probs, w), target)
-            table.add(fold, "hard vote", combine(probs, w, "hard"), target)
-    rows = []
-    for run in oof.runs:
-        rows += [_row(run.name, f"fold{f}", table.matrix(run.name, [f])) for f in sorted(table.folds)]
-        rows.append(_row(run.name, "all folds", table.matrix(run.name)))
-    if len(oof.runs) > 1:
-        rows += [_row(name, "all folds", table.matrix(name)) for name in (soft, "hard vote")]
-    return pd.DataFrame(rows)
-
-
-def _row(name: str, folds: str, matrix: np.ndarray) -> dict:
-    total = matrix.sum()
-    return {
-        "model": name,
-        "folds": folds,
-        "miou": miou_of(matrix),
-        "pixel_acc": float(np.trace(matrix) / total) if total else float("nan"),
-    }
 
 
 @dataclass

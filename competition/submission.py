@@ -171,6 +171,24 @@ def validate_submission(
     return problems[:max_problems]
 
 
+def class_pixel_counts(
+    path: str | os.PathLike, classes: int, fmt: str = "boostcamp", size: int | None = 256
+) -> np.ndarray:
+    """Pixels of each class over every mask of a (valid) submission CSV."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    counts = np.zeros(classes, np.int64)
+    if fmt == "boostcamp":
+        for text in frame["PredictionString"]:
+            counts += np.bincount(np.array(text.split(), dtype=np.int64), minlength=classes)[:classes]
+        return counts
+    if not size:
+        raise ValueError("class pixel counts of an RLE submission need its mask size")
+    for cls, text in zip(frame["class_id"], frame["EncodedPixels"]):
+        counts[int(cls)] += int(rle_decode(text, (size, size)).sum())
+    counts[0] = frame["image_id"].nunique() * size * size - counts[1:].sum()
+    return counts
+
+
 _INTEGERS = re.compile(r"\d+(?: \d+)*")
 
 

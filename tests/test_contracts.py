@@ -21,9 +21,10 @@ from competition import checkpoint as ckpt
 from competition.cli import main
 from competition.config import ConfigError, config_from_dict
 from competition.data.splits import FoldsMismatchError, build_datasets
-from competition.ensemble import evaluate_oof, read_prob_files, search_weights
+from competition.ensemble import read_prob_files, search_weights
 from competition.predictor import Ensemble, ModelSpec, load_specs
 from competition.runtime import to_probs
+from competition.scores import evaluate_oof
 from competition.submission import mask_from_probs
 from competition.train import FoldRun, evaluate, train_fold
 

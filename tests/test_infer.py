@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from competition.cli import main
-from competition.ensemble import evaluate_oof, search_weights
+from competition.ensemble import search_weights
 from competition.io import OutputExistsError
 from competition.predictor import (
     Ensemble,
@@ -19,6 +19,7 @@ from competition.predictor import (
     sliding_window_probs,
     tta_probs,
 )
+from competition.scores import evaluate_oof
 from competition.submission import (
     rle_decode,
     rle_encode,

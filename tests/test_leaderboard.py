@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 from conftest import fake_oof_run, onehot, tiny_config_dict
 
-from competition.audit import audit_table
 from competition.cli import main
 from competition.config import ConfigError, config_from_dict
 from competition.data.splits import build_datasets
 from competition.ensemble import search_weights
 from competition.postprocess import PostProcess, fill_holes, remove_small, tune
+from competition.scores import audit_table
 from competition.voting import class_weights, combine
 
 

@@ -1,0 +1,129 @@
+"""What out-of-fold predictions say: the CV table of runs and votes, and how far each label is from them.
+
+Each training image is out-of-fold in exactly one fold, so a run's ``fold*/oof.npz`` files cover the training
+set once: their mIoU is the CV score of the fold ensemble. An image's OOF prediction comes from models that
+never trained on it, so a label they confidently contradict stands out (``audit_table``). Used by the
+``evaluate``, ``audit`` and ``report`` stages.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from .data.images import read_image
+from .data.stats import save_panels
+from .metrics import miou_of
+from .oof import OofRuns
+from .tuning import FoldTable
+from .voting import class_weights, combine, soft_scores
+
+
+def evaluate_oof(
+    runs: Sequence[str | os.PathLike], weights: np.ndarray | Sequence[float] | None = None
+) -> pd.DataFrame:
+    """OOF mIoU of each run per fold and over all folds (its fold ensemble's CV score) and, with several runs,
+    of the weighted soft vote and of the hard vote."""
+    oof = OofRuns(runs)
+    w = class_weights(weights, len(oof.runs), oof.num_classes)
+    per_class = weights is not None and np.ndim(weights) == 2
+    soft = "soft vote " + ("per-class weights" if per_class else "+".join(f"{x:.2f}" for x in w[:, 0]))
+    table = FoldTable(oof.num_classes, oof.ignore_index)
+    for _, fold, probs, target in oof:
+        for run, p in zip(oof.runs, probs):
+            table.add(fold, run.name, p.argmax(0), target)
+        if len(oof.runs) > 1:
+            table.add(fold, soft, combine(probs, w), target)
+            table.add(fold, "hard vote", combine(probs, w, "hard"), target)
+    rows = []
+    for run in oof.runs:
+        rows += [_row(run.name, f"fold{f}", table.matrix(run.name, [f])) for f in sorted(table.folds)]
+        rows.append(_row(run.name, "all folds", table.matrix(run.name)))
+    if len(oof.runs) > 1:
+        rows += [_row(name, "all folds", table.matrix(name)) for name in (soft, "hard vote")]
+    return pd.DataFrame(rows)
+
+
+def _row(name: str, folds: str, matrix: np.ndarray) -> dict:
+    total = matrix.sum()
+    return {
+        "model": name,
+        "folds": folds,
+        "miou": miou_of(matrix),
+        "pixel_acc": float(np.trace(matrix) / total) if total else float("nan"),
+    }
+
+
+EPS = 1e-4  # probability floor of the cross-entropy (float16 OOF maps hold exact zeros)
+
+
+def image_scores(probs: np.ndarray, target: np.ndarray, names: Sequence[str], ignore: int) -> dict:
+    """Disagreement of one image's OOF probabilities ``[C, H, W]`` with its label ``[H, W]``."""
+    classes = probs.shape[0]
+    valid = (target != ignore) & (target < classes)
+    pred = probs.argmax(0)
+    if not valid.any():
+        return {"score": 0.0, "pixel_error": 0.0, "top_confusion": ""}
+    t = target[valid].astype(np.int64)
+    p_true = np.take_along_axis(probs[:, valid], t[None], axis=0)[0]
+    wrong = pred[valid] != t
+    confusion = ""
+    if wrong.any():
+        pairs = np.bincount(t[wrong] * classes + pred[valid][wrong], minlength=classes * classes)
+        top = int(pairs.argmax())
+        confusion = f"{names[top // classes]} -> {names[top % classes]} ({int(pairs[top])} px)"
+    return {
+        "score": float(-np.log(np.clip(p_true, EPS, 1.0)).mean()),
+        "pixel_error": float(wrong.mean()),
+        "top_confusion": confusion,
+    }
+
+
+def audit_table(
+    runs: Sequence[str | os.PathLike], files: Mapping[str, str], weights: Sequence[float] | None = None
+) -> pd.DataFrame:
+    """Every OOF image with its scores and file name (``files``: image id -> file name), worst first
+    (``rank`` 1 = most suspicious)."""
+    oof = OofRuns(runs)
+    rows = []
+    for key, fold, probs, target in oof:
+        p = soft_scores(probs, weights)
+        rows.append({"image_id": key, "file_name": files[key], "fold": fold})
+        rows[-1] |= image_scores(p, target, oof.class_names, oof.ignore_index)
+    table = pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    return table
+
+
+def write_gallery(
+    runs: Sequence[str | os.PathLike],
+    table: pd.DataFrame,
+    root: Path,
+    out_dir: Path,
+    count: int,
+    weights: Sequence[float] | None = None,
+) -> list[Path]:
+    """Image | label | OOF prediction panels of the first ``count`` rows of ``table`` (images under
+    ``root``; a missing image leaves its panel out)."""
+    oof = OofRuns(runs)
+    wanted = dict(zip(table["image_id"].head(count), table.head(count).itertuples()))
+    written = []
+    for key, _, probs, target in oof:
+        if key not in wanted:
+            continue
+        row = wanted[key]
+        path = root / row.file_name
+        image = read_image(path) if path.is_file() else None
+        if image is not None and image.shape[:2] != target.shape:
+            image = cv2.resize(image, target.shape[::-1], interpolation=cv2.INTER_AREA)
+        pred = soft_scores(probs, weights).argmax(0)
+        title = f"#{row.rank} {row.file_name}  score {row.score:.2f}  {row.top_confusion}"
+        name = f"{row.rank:04d}_{Path(row.file_name).with_suffix('').as_posix().replace('/', '_')}.png"
+        panels = [("label", target), ("OOF prediction", pred)]
+        written.append(save_panels(out_dir / name, image, panels, oof.class_names, title=title))
+    return sorted(written)
