@@ -70,6 +70,9 @@ class DataConfig(_Section):
 
 # constructor params that change what a model returns in eval mode (the pipeline's contract: logits)
 OUTPUT_CHANGING_PARAMS = ("activation",)
+# Unet3Plus params whose default may change with evidence: written into every run's config.yaml, so a later
+# default never silently changes how an old checkpoint is rebuilt
+PINNED_UNET3PLUS_PARAMS = ("decoder_upsample_after_conv", "cgm_gate")
 
 
 class ModelConfig(_Section):
@@ -101,6 +104,20 @@ class ModelConfig(_Section):
                     "into probabilities in one place (softmax, or sigmoid for one channel). Remove the key."
                 )
         return value
+
+    @model_validator(mode="after")
+    def _pin_defaults(self) -> ModelConfig:
+        import inspect
+
+        from smp_unet3p import Unet3Plus
+        from smp_unet3p.registry import resolve_architecture
+
+        if resolve_architecture(self.arch) is Unet3Plus:
+            signature = inspect.signature(Unet3Plus.__init__).parameters
+            pinned = {k: signature[k].default for k in PINNED_UNET3PLUS_PARAMS if k not in self.params}
+            if pinned:
+                self.params = {**self.params, **pinned}
+        return self
 
     @field_validator("encoder_name")
     @classmethod

@@ -27,7 +27,7 @@ def test_shipped_configs_validate():
 
 def test_overrides_are_typed_and_nested():
     cfg = config_from_dict(_raw(), ["train.epochs=3", "model.params.cgm=false", "optimizer.lr=1e-4"])
-    assert cfg.train.epochs == 3 and cfg.model.params == {"cgm": False}
+    assert cfg.train.epochs == 3 and cfg.model.params["cgm"] is False
     assert cfg.optimizer.lr == pytest.approx(1e-4)
 
 
@@ -115,3 +115,26 @@ def test_lr_schedule_warmup_then_cosine_and_poly():
     assert lr_factor(cfg, 100, 100, 10) == pytest.approx(0.1)
     poly = config_from_dict(_raw(), ["scheduler.name=poly", "scheduler.power=1", "scheduler.min_lr_ratio=0"])
     assert lr_factor(poly, 50, 100, 10) == pytest.approx(0.5)
+
+
+def test_unet3plus_defaults_that_may_change_are_written_into_run_configs(tmp_path):
+    import inspect
+
+    from smp_unet3p import Unet3Plus
+
+    data = {"root": str(tmp_path), "annotations": str(tmp_path / "a.json"), "folds": str(tmp_path / "f.csv")}
+    cfg = config_from_dict(
+        {"name": "x", "data": data, "model": {"arch": "unet3plus", "params": {"cgm": True}}}
+    )
+    defaults = inspect.signature(Unet3Plus.__init__).parameters
+    assert cfg.model.params == {
+        "cgm": True,
+        "decoder_upsample_after_conv": defaults["decoder_upsample_after_conv"].default,
+        "cgm_gate": defaults["cgm_gate"].default,
+    }
+    saved = yaml.safe_load(cfg.to_yaml())["model"]["params"]
+    assert "decoder_upsample_after_conv" in saved and "cgm_gate" in saved
+    explicit = {"arch": "unet3plus", "params": {"decoder_upsample_after_conv": False, "cgm_gate": "soft"}}
+    assert config_from_dict({"name": "x", "data": data, "model": explicit}).model.params == explicit["params"]
+    other = config_from_dict({"name": "x", "data": data, "model": {"arch": "unetplusplus"}})
+    assert other.model.params == {}

@@ -239,3 +239,23 @@ def test_upsample_after_conv_keeps_weights_interchangeable_and_saves_flops():
             assert out.shape == (1, 3, 64, 64)
         assert not torch.allclose(fast(x), paper(x))  # the order is real, not a no-op flag
     assert flops[0] < 0.8 * flops[1]
+
+
+def test_main_and_side_heads_upsample_alike_with_align_corners_false():
+    torch.manual_seed(0)
+    model = Unet3Plus("resnet18", encoder_weights=None, classes=3, deep_supervision=True).train()
+    x = torch.rand(1, 3, 64, 64)
+    out = model(x)
+    stages = model.decoder(model.encoder(x))
+    by_hand = torch.nn.functional.interpolate(
+        model.segmentation_head(stages[0]), size=(64, 64), mode="bilinear", align_corners=False
+    )
+    assert torch.allclose(out["masks"], by_hand, atol=1e-5)
+    side = torch.nn.functional.interpolate(
+        model.side_heads[0](stages[1]), size=(64, 64), mode="bilinear", align_corners=False
+    )
+    assert torch.allclose(out["side_masks"][0], side, atol=1e-5)
+    corners_true = torch.nn.functional.interpolate(
+        model.segmentation_head(stages[0]), size=(64, 64), mode="bilinear", align_corners=True
+    )
+    assert not torch.allclose(out["masks"], corners_true, atol=1e-5)  # the test tells the two apart

@@ -48,7 +48,8 @@ class Unet3Plus(SegmentationModel):
         decoder_cat_channels: channels of each full-scale branch (64 in the paper); a stage has
             ``encoder_depth * decoder_cat_channels`` channels.
         decoder_use_norm: normalisation in the decoder, as smp's ``decoder_use_norm``.
-        decoder_interpolation: upsampling mode of the decoder branches and side outputs.
+        decoder_interpolation: upsampling mode of the decoder branches, the side outputs and the main
+            head (its logits are at stride 2); ``align_corners=False`` everywhere.
         decoder_upsample_after_conv: run each upsampling branch's 3x3 conv at the coarse source resolution,
             then upsample (default; much cheaper). ``False``: the paper's order, upsample then conv. Same
             weights either way, so checkpoints load into both.
@@ -112,9 +113,10 @@ class Unet3Plus(SegmentationModel):
             interpolation_mode=decoder_interpolation,
             upsample_after_conv=decoder_upsample_after_conv,
         )
-        # decoder output is at stride 2: the head upsamples its logits to input size
+        # decoder output is at stride 2: raw_outputs upsamples the head's logits to input size with the same
+        # interpolation as the side outputs (align_corners=False; smp's upsampling=2 would use True)
         self.segmentation_head = SegmentationHead(
-            self.decoder.out_channels, classes, kernel_size=3, activation=None, upsampling=2
+            self.decoder.out_channels, classes, kernel_size=3, activation=None, upsampling=1
         )
         self.activation = md.Activation(activation)
         self.deep_supervision = deep_supervision
@@ -162,9 +164,9 @@ class Unet3Plus(SegmentationModel):
 
         features = self.encoder(x)
         stages = self.decoder(features)
-        out: Unet3PlusTrainOutput = {"masks": self.segmentation_head(stages[0])}
+        size = (x.shape[-2], x.shape[-1])
+        out: Unet3PlusTrainOutput = {"masks": self._upsample(self.segmentation_head(stages[0]), size)}
         if self.training and self.side_heads is not None:
-            size = (x.shape[-2], x.shape[-1])
             out["side_masks"] = [
                 self._upsample(head(f), size) for head, f in zip(self.side_heads, stages[1:])
             ]
