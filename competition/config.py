@@ -158,10 +158,14 @@ class LossConfig(_Section):
 
 
 class OptimizerConfig(_Section):
+    """``decoder_lr_scale``: learning-rate multiplier of everything outside the encoder (a randomly
+    initialised decoder next to a pretrained encoder)."""
+
     name: Literal["adamw", "adam", "sgd"] = "adamw"
     lr: float = Field(default=1e-3, gt=0.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    decoder_lr_scale: float = Field(default=1.0, gt=0.0)
 
 
 class SchedulerConfig(_Section):

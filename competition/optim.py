@@ -11,13 +11,21 @@ from .config import Config
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW/Adam/SGD; no weight decay on norm layers and biases (1-D parameters)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optimizer.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
+    """AdamW/Adam/SGD; no weight decay on norm layers and biases (1-D parameters); parameters outside
+    ``model.encoder`` (decoder and heads) at ``optimizer.decoder_lr_scale`` times the learning rate."""
     o = cfg.optimizer
+    encoder = getattr(model, "encoder", None)
+    in_encoder = {id(p) for p in encoder.parameters()} if isinstance(encoder, nn.Module) else set()
+    groups = []
+    for part, scale in (("encoder", 1.0), ("decoder", o.decoder_lr_scale)):
+        params = [
+            p for p in model.parameters() if p.requires_grad and (id(p) in in_encoder) == (part == "encoder")
+        ]
+        groups += [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay, "lr": o.lr * scale},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": o.lr * scale},
+        ]
+    groups = [g for g in groups if g["params"]]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=True)
     return (torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam)(groups, lr=o.lr)

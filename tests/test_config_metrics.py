@@ -138,3 +138,19 @@ def test_unet3plus_defaults_that_may_change_are_written_into_run_configs(tmp_pat
     assert config_from_dict({"name": "x", "data": data, "model": explicit}).model.params == explicit["params"]
     other = config_from_dict({"name": "x", "data": data, "model": {"arch": "unetplusplus"}})
     assert other.model.params == {}
+
+
+def test_decoder_lr_scale_applies_to_everything_outside_the_encoder():
+    from competition.optim import build_optimizer
+    from smp_unet3p import Unet3Plus
+
+    model = Unet3Plus("resnet18", encoder_weights=None, classes=2, deep_supervision=True)
+    cfg = config_from_dict(_raw(), ["optimizer.lr=0.01", "optimizer.decoder_lr_scale=10"])
+    optimizer = build_optimizer(cfg, model)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(lr_of) == sum(1 for _ in model.parameters())  # every parameter exactly once
+    assert {lr_of[id(p)] for p in model.encoder.parameters()} == {0.01}
+    assert {round(lr_of[id(p)], 9) for p in model.decoder.parameters()} == {0.1}
+    assert {round(lr_of[id(p)], 9) for p in model.side_heads.parameters()} == {0.1}
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay[id(model.decoder.stages[0].fuse[1].weight)] == 0.0  # a norm weight: no decay

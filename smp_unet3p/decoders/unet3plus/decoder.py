@@ -90,6 +90,30 @@ class FullScaleStage(nn.Module):
         return self.fuse(torch.cat([branch(x, size) for branch, x in zip(self.branches, inputs)], dim=1))
 
 
+class FullResolutionBlock(nn.Module):
+    """Decode the stride-2 stage ``X_1`` to input resolution: 1x1 conv to ``2 * channels``, upsample by 2,
+    two 3x3 convs to ``channels`` (as smp Unet's last decoder block). The paper's encoder has a stride-1
+    stage; smp encoders start at stride 2, so without this block the logits are made at stride 2."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        use_norm: bool | str | dict[str, Any] = "batchnorm",
+        interpolation_mode: str = "bilinear",
+    ):
+        super().__init__()
+        self.reduce = md.Conv2dReLU(in_channels, 2 * channels, kernel_size=1, use_norm=use_norm)
+        self.conv1 = md.Conv2dReLU(2 * channels, channels, kernel_size=3, padding=1, use_norm=use_norm)
+        self.conv2 = md.Conv2dReLU(channels, channels, kernel_size=3, padding=1, use_norm=use_norm)
+        self.interpolation_mode = interpolation_mode
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        align = False if self.interpolation_mode in ("bilinear", "bicubic") else None
+        x = F.interpolate(self.reduce(x), size=size, mode=self.interpolation_mode, align_corners=align)
+        return self.conv2(self.conv1(x))
+
+
 class Unet3PlusDecoder(nn.Module):
     """Full-scale skip decoder.
 

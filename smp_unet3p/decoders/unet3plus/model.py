@@ -13,7 +13,7 @@ from torch import nn
 
 from ...encoders import get_encoder
 from ...modules.cgm import ClassificationGuidedModule, gate_logits
-from .decoder import Unet3PlusDecoder
+from .decoder import FullResolutionBlock, Unet3PlusDecoder
 
 
 class Unet3PlusTrainOutput(TypedDict, total=False):
@@ -53,6 +53,9 @@ class Unet3Plus(SegmentationModel):
         decoder_upsample_after_conv: run each upsampling branch's 3x3 conv at the coarse source resolution,
             then upsample (default; much cheaper). ``False``: the paper's order, upsample then conv. Same
             weights either way, so checkpoints load into both.
+        decoder_full_res_channels: ``None`` (default): the head makes logits from the stride-2 stage and
+            they are upsampled. An int N adds a ``FullResolutionBlock`` of N channels that decodes to input
+            resolution first (the paper's encoder has a stride-1 stage, smp encoders do not).
         in_channels: input channels.
         classes: output channels. With ``classes > 1`` class 0 is background (never CGM-gated).
         activation: activation on the eval output (``"sigmoid"``, ``"softmax"`` ... or ``None`` for logits).
@@ -85,6 +88,7 @@ class Unet3Plus(SegmentationModel):
         decoder_use_norm: bool | str | dict[str, Any] = "batchnorm",
         decoder_interpolation: str = "bilinear",
         decoder_upsample_after_conv: bool = True,
+        decoder_full_res_channels: int | None = None,
         in_channels: int = 3,
         classes: int = 1,
         activation: str | Callable | None = None,
@@ -113,10 +117,17 @@ class Unet3Plus(SegmentationModel):
             interpolation_mode=decoder_interpolation,
             upsample_after_conv=decoder_upsample_after_conv,
         )
-        # decoder output is at stride 2: raw_outputs upsamples the head's logits to input size with the same
-        # interpolation as the side outputs (align_corners=False; smp's upsampling=2 would use True)
+        # decoder output is at stride 2: a full-resolution block decodes it to input size, or raw_outputs
+        # upsamples the head's logits with the same interpolation as the side outputs (align_corners=False)
+        self.full_res = (
+            FullResolutionBlock(
+                self.decoder.out_channels, decoder_full_res_channels, decoder_use_norm, decoder_interpolation
+            )
+            if decoder_full_res_channels
+            else None
+        )
         self.segmentation_head = SegmentationHead(
-            self.decoder.out_channels, classes, kernel_size=3, activation=None, upsampling=1
+            decoder_full_res_channels or self.decoder.out_channels, classes, kernel_size=3, upsampling=1
         )
         self.activation = md.Activation(activation)
         self.deep_supervision = deep_supervision
@@ -148,6 +159,8 @@ class Unet3Plus(SegmentationModel):
         for head in (self.side_heads, self.cgm):
             if head is not None:
                 init.initialize_head(head)
+        if self.full_res is not None:
+            init.initialize_decoder(self.full_res)
 
     def _upsample(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         align = False if self.interpolation_mode in ("bilinear", "bicubic") else None
@@ -165,7 +178,11 @@ class Unet3Plus(SegmentationModel):
         features = self.encoder(x)
         stages = self.decoder(features)
         size = (x.shape[-2], x.shape[-1])
-        out: Unet3PlusTrainOutput = {"masks": self._upsample(self.segmentation_head(stages[0]), size)}
+        if self.full_res is not None:
+            masks = self.segmentation_head(self.full_res(stages[0], size))
+        else:
+            masks = self._upsample(self.segmentation_head(stages[0]), size)
+        out: Unet3PlusTrainOutput = {"masks": masks}
         if self.training and self.side_heads is not None:
             out["side_masks"] = [
                 self._upsample(head(f), size) for head, f in zip(self.side_heads, stages[1:])
