@@ -73,6 +73,8 @@ OUTPUT_CHANGING_PARAMS = ("activation",)
 # Unet3Plus params whose default may change with evidence: written into every run's config.yaml, so a later
 # default never silently changes how an old checkpoint is rebuilt
 PINNED_UNET3PLUS_PARAMS = ("decoder_upsample_after_conv", "cgm_gate")
+# the defaults run configs were written with before pinning (cgm_gate became "soft" after the UNet 3+ study)
+UNET3PLUS_DEFAULTS_BEFORE_PINNING = {"decoder_upsample_after_conv": True, "cgm_gate": "hard"}
 
 
 class ModelConfig(_Section):

@@ -154,3 +154,21 @@ def test_decoder_lr_scale_applies_to_everything_outside_the_encoder():
     assert {round(lr_of[id(p)], 9) for p in model.side_heads.parameters()} == {0.1}
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     assert decay[id(model.decoder.stages[0].fuse[1].weight)] == 0.0  # a norm weight: no decay
+
+
+def test_run_configs_written_before_pinning_keep_the_defaults_of_their_time(tmp_path):
+    from competition.checkpoint import CONFIG_FILE, read_run_config
+
+    data = {"root": str(tmp_path), "annotations": str(tmp_path / "a.json"), "folds": str(tmp_path / "f.csv")}
+    old = {"name": "x", "data": data, "model": {"arch": "unet3plus", "params": {"cgm": True}}}
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(old))
+    params = read_run_config(tmp_path).model.params
+    assert params == {
+        "cgm": True,
+        "decoder_upsample_after_conv": True,
+        "cgm_gate": "hard",
+    }  # not today's soft
+    new = config_from_dict(old)
+    assert new.model.params["cgm_gate"] == "soft"  # today's default, written explicitly from now on
+    (tmp_path / CONFIG_FILE).write_text(new.to_yaml())
+    assert read_run_config(tmp_path).model.params["cgm_gate"] == "soft"

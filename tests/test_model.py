@@ -99,7 +99,7 @@ def test_gradient_reaches_every_parameter():
 
 
 def test_cgm_hard_gate_zeroes_absent_class():
-    model = build("resnet18", classes=3, cgm=True).eval()
+    model = build("resnet18", classes=3, cgm=True, cgm_gate="hard").eval()
     conv = model.cgm[1]
     with torch.no_grad():
         conv.weight.zero_()
@@ -112,7 +112,7 @@ def test_cgm_hard_gate_zeroes_absent_class():
 
 
 def test_cgm_binary_absent_gives_empty_mask_and_present_changes_nothing():
-    model = build("resnet18", classes=1, cgm=True, activation="sigmoid").eval()
+    model = build("resnet18", classes=1, cgm=True, cgm_gate="hard", activation="sigmoid").eval()
     conv = model.cgm[1]
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
