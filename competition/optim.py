@@ -16,6 +16,8 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optimizer
     encoder = getattr(model, "encoder", None)
     in_encoder = {id(p) for p in encoder.parameters()} if isinstance(encoder, nn.Module) else set()
+    if o.decoder_lr_scale == 1.0:  # one lr: two groups, as checkpoints of earlier versions hold
+        in_encoder = {id(p) for p in model.parameters()}
     groups = []
     for part, scale in (("encoder", 1.0), ("decoder", o.decoder_lr_scale)):
         params = [

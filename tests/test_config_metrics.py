@@ -154,6 +154,8 @@ def test_decoder_lr_scale_applies_to_everything_outside_the_encoder():
     assert {round(lr_of[id(p)], 9) for p in model.side_heads.parameters()} == {0.1}
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     assert decay[id(model.decoder.stages[0].fuse[1].weight)] == 0.0  # a norm weight: no decay
+    plain = build_optimizer(config_from_dict(_raw(), ["optimizer.lr=0.01"]), model)
+    assert len(plain.param_groups) == 2  # one lr: the two groups last.ckpt files of earlier versions hold
 
 
 def test_run_configs_written_before_pinning_keep_the_defaults_of_their_time(tmp_path):
