@@ -136,7 +136,7 @@ def pseudo_quality(folder: Path, items: list) -> dict:
     return {"pseudo_coverage": kept / total, "pseudo_accuracy": right / max(kept, 1)}
 
 
-def one_seed(dataset: str, seed: int, out: Path, rounds: int) -> list[dict]:
+def one_seed(dataset: str, seed: int, out: Path, rounds: int, threshold: float = THRESHOLD) -> list[dict]:
     root = out / f"{dataset}_seed{seed}"
     setup = (synthetic if dataset == "synthetic" else isbi)(seed, root / "data")
     rows: list[dict] = []
@@ -162,12 +162,13 @@ def one_seed(dataset: str, seed: int, out: Path, rounds: int) -> list[dict]:
     previous = run("baseline", [])
     if setup["copy_paste"]:
         run("copy-paste", ["augment.copy_paste=0.5"])
+    tag = "" if threshold == THRESHOLD else f" t{threshold:g}"
     for r in range(1, rounds + 1):
-        folder = root / f"pseudo_round{r}"
+        folder = root / f"pseudo_round{r}{tag.replace(' ', '_')}"
         if not (folder / "pseudo.json").is_file():
-            make_pseudo([previous], setup["root"], setup["test"], folder, THRESHOLD, opts=TTA, workers=0,
+            make_pseudo([previous], setup["root"], setup["test"], folder, threshold, opts=TTA, workers=0,
                         progress=False)  # fmt: skip
-        previous = run(f"pseudo round {r}", [f"data.extra=[{folder}]"])
+        previous = run(f"pseudo round {r}{tag}", [f"data.extra=[{folder}]"])
         rows[-1] |= pseudo_quality(folder, setup["items"])
     return rows
 
@@ -200,13 +201,16 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--datasets", default="synthetic,isbi")
     parser.add_argument("--rounds", type=int, default=1, help="pseudo-label rounds")
+    parser.add_argument(
+        "--threshold", type=float, default=THRESHOLD, help="pseudo-label confidence threshold"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/leaderboard_training"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for dataset in args.datasets.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
-            rows += one_seed(dataset, seed, args.out, args.rounds)
+            rows += one_seed(dataset, seed, args.out, args.rounds, args.threshold)
             pd.DataFrame(rows).to_csv(args.out / "results.csv", index=False)  # partial results as they come
             table = summary(pd.DataFrame(rows))
             print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
