@@ -53,11 +53,13 @@ class Unet3Plus(SegmentationModel):
         decoder_upsample_after_conv: run each upsampling branch's 3x3 conv at the coarse source resolution,
             then upsample (default; much cheaper). ``False``: the paper's order, upsample then conv. Same
             weights either way, so checkpoints load into both. Measured (docs/study.md, synthetic
-            11-class, lite0, 8 epochs, 3 seeds): the paper's order scored +0.006 ± 0.013 held-out mIoU
-            against this order, at 1.6x the training time: within noise, so the fast order is the default.
+            11-class, lite0, 8 epochs, 3 seeds): the paper's order scored +0.000 ± 0.014 held-out mIoU
+            against this order, at 1.8x the training time: within noise, so the fast order is the default.
         decoder_full_res_channels: ``None`` (default): the head makes logits from the stride-2 stage and
             they are upsampled. An int N adds a ``FullResolutionBlock`` of N channels that decodes to input
-            resolution first (the paper's encoder has a stride-1 stage, smp encoders do not).
+            resolution first (the paper's encoder has a stride-1 stage, smp encoders do not). Measured
+            (docs/study.md): +0.007 ± 0.015 mIoU on ISBI membranes, but 0.32 vs 0.82 on the multi-class
+            synthetic set at a short budget, so it is off by default.
         in_channels: input channels.
         classes: output channels. With ``classes > 1`` class 0 is background (never CGM-gated).
         activation: activation on the eval output (``"sigmoid"``, ``"softmax"`` ... or ``None`` for logits).
@@ -66,7 +68,7 @@ class Unet3Plus(SegmentationModel):
         cgm_dropout: dropout before the CGM's 1x1 conv.
         cgm_gate: ``"soft"`` (default: logits + log presence probability) or ``"hard"`` (the paper's: a
             class whose presence is below ``cgm_threshold`` is removed) gating in eval mode. Measured
-            (docs/study.md): with a pretrained encoder both score the same (0.823 vs 0.822 held-out
+            (docs/study.md): with a pretrained encoder hard is never better (soft 0.825, hard 0.813 held-out
             mIoU); from scratch, hard gating kept the demo at the all-background level for 15 epochs
             (0.09 vs 0.45 mIoU), so soft is the default.
         cgm_threshold: presence threshold of the hard gate.
