@@ -36,7 +36,7 @@ from leaderboard_inference import ISBI, lite0
 from competition.config import config_from_dict
 from competition.data.coco import load_coco
 from competition.data.synthetic import make_synthetic_dataset
-from competition.metrics import iou_of
+from competition.metrics import confusion, iou_of
 from competition.oof import OofRuns
 from competition.train import train
 
@@ -138,12 +138,10 @@ def last_epoch_scores(run: dict, classes: int) -> dict:
     }
     row["fold_miou"] = json.dumps([round(v, 4) for v in last["miou"]])
     if curves["fold"].nunique() > 1:  # pooled OOF of the folds' best weights (the pipeline's OOF files)
-        matrix = np.zeros((classes, classes), np.int64)
-        for _, _, probs, target in OofRuns([run["run"]]):
-            pred = probs[0].argmax(0)
-            matrix += np.bincount(
-                target.astype(np.int64).ravel() * classes + pred.ravel(), minlength=classes**2
-            ).reshape(classes, classes)
+        oof = OofRuns([run["run"]])
+        matrix = sum(
+            confusion(probs[0].argmax(0), target, classes, oof.ignore_index) for _, _, probs, target in oof
+        )
         row |= {
             "oof_miou": float(np.nanmean(iou_of(matrix))),
             "oof_pixel_error": 1 - np.trace(matrix) / matrix.sum(),

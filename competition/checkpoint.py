@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .config import UNET3PLUS_DEFAULTS_BEFORE_PINNING, Config, ConfigError, config_from_dict
+from .config import UNET3PLUS_DEFAULTS_BEFORE_PINNING, Config, ConfigError, config_from_dict, is_unet3plus
 from .io import atomic_write, atomic_write_text
 from .runtime import build_model
 
@@ -114,20 +114,10 @@ def read_run_config(run_dir: str | os.PathLike) -> Config:
         )
     raw = yaml.safe_load(path.read_text())
     model = raw.get("model") if isinstance(raw, dict) else None
-    if isinstance(model, dict) and _is_unet3plus(model.get("arch", "unet3plus")):
+    if isinstance(model, dict) and is_unet3plus(model.get("arch", "unet3plus")):
         # a config written before the defaults were pinned: rebuild with the defaults of that time
         model["params"] = {**UNET3PLUS_DEFAULTS_BEFORE_PINNING, **(model.get("params") or {})}
     return config_from_dict(raw, source=str(path))
-
-
-def _is_unet3plus(arch: Any) -> bool:
-    from smp_unet3p import Unet3Plus
-    from smp_unet3p.registry import resolve_architecture
-
-    try:
-        return resolve_architecture(str(arch)) is Unet3Plus
-    except ValueError:
-        return False  # config validation names the unknown architecture
 
 
 def read_best_meta(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -77,6 +77,17 @@ PINNED_UNET3PLUS_PARAMS = ("decoder_upsample_after_conv", "cgm_gate")
 UNET3PLUS_DEFAULTS_BEFORE_PINNING = {"decoder_upsample_after_conv": True, "cgm_gate": "hard"}
 
 
+def is_unet3plus(arch: Any) -> bool:
+    """Whether an architecture name resolves to ``Unet3Plus`` (False for an unknown name)."""
+    from smp_unet3p import Unet3Plus
+    from smp_unet3p.registry import resolve_architecture
+
+    try:
+        return resolve_architecture(str(arch)) is Unet3Plus
+    except ValueError:
+        return False
+
+
 class ModelConfig(_Section):
     """Any smp architecture or ``unet3plus`` by name; ``params`` go to its constructor."""
 
@@ -112,9 +123,8 @@ class ModelConfig(_Section):
         import inspect
 
         from smp_unet3p import Unet3Plus
-        from smp_unet3p.registry import resolve_architecture
 
-        if resolve_architecture(self.arch) is Unet3Plus:
+        if is_unet3plus(self.arch):
             signature = inspect.signature(Unet3Plus.__init__).parameters
             pinned = {k: signature[k].default for k in PINNED_UNET3PLUS_PARAMS if k not in self.params}
             if pinned:

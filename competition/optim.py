@@ -14,18 +14,20 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW/Adam/SGD; no weight decay on norm layers and biases (1-D parameters); parameters outside
     ``model.encoder`` (decoder and heads) at ``optimizer.decoder_lr_scale`` times the learning rate."""
     o = cfg.optimizer
-    encoder = getattr(model, "encoder", None)
-    in_encoder = {id(p) for p in encoder.parameters()} if isinstance(encoder, nn.Module) else set()
-    if o.decoder_lr_scale == 1.0:  # one lr: two groups, as checkpoints of earlier versions hold
-        in_encoder = {id(p) for p in model.parameters()}
-    groups = []
-    for part, scale in (("encoder", 1.0), ("decoder", o.decoder_lr_scale)):
-        params = [
-            p for p in model.parameters() if p.requires_grad and (id(p) in in_encoder) == (part == "encoder")
+    params = [p for p in model.parameters() if p.requires_grad]
+    parts = [(params, o.lr)]  # one lr: the two groups that last.ckpt files of earlier versions hold
+    if o.decoder_lr_scale != 1.0:
+        encoder = getattr(model, "encoder", None)
+        in_encoder = {id(p) for p in encoder.parameters()} if isinstance(encoder, nn.Module) else set()
+        parts = [
+            ([p for p in params if id(p) in in_encoder], o.lr),
+            ([p for p in params if id(p) not in in_encoder], o.lr * o.decoder_lr_scale),
         ]
+    groups = []
+    for members, lr in parts:
         groups += [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": o.weight_decay, "lr": o.lr * scale},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": o.lr * scale},
+            {"params": [p for p in members if p.ndim > 1], "weight_decay": o.weight_decay, "lr": lr},
+            {"params": [p for p in members if p.ndim <= 1], "weight_decay": 0.0, "lr": lr},
         ]
     groups = [g for g in groups if g["params"]]
     if o.name == "sgd":

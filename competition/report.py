@@ -26,10 +26,8 @@ from .checkpoint import fold_dirs, read_best_meta, read_run_config
 from .data.splits import data_files
 from .io import atomic_write_text, check_writable
 from .metrics import iou_of
-from .oof import OofRuns
-from .scores import audit_table, evaluate_oof, write_gallery
+from .scores import audit_table, score_oof, write_gallery
 from .submission import class_pixel_counts
-from .voting import soft_scores
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
@@ -130,21 +128,6 @@ def best_epochs(runs: Sequence[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def oof_confusion(runs: Sequence[Path]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Pooled OOF confusion matrices (rows: label, columns: prediction) of each run and of the soft vote."""
-    oof = OofRuns(runs)
-    n = oof.num_classes
-    names = [r.name for r in oof.runs] + (["soft vote"] if len(oof.runs) > 1 else [])
-    matrices = {name: np.zeros((n, n), np.int64) for name in names}
-    for _, _, probs, target in oof:
-        valid = (target != oof.ignore_index) & (target < n)
-        preds = [p.argmax(0) for p in probs] + ([soft_scores(probs).argmax(0)] if len(probs) > 1 else [])
-        t = target[valid].astype(np.int64)
-        for name, pred in zip(names, preds):
-            matrices[name] += np.bincount(t * n + pred[valid], minlength=n * n).reshape(n, n)
-    return matrices, oof.class_names
-
-
 def per_class_section(matrices: dict[str, np.ndarray], names: list[str]) -> str:
     plt = _pyplot()
     table = pd.DataFrame({"class": names} | {run: iou_of(m) for run, m in matrices.items()})
@@ -219,6 +202,7 @@ def build_report(
     out = check_writable(out, overwrite)
     runs = [Path(r) for r in runs]
     title = "Run report: " + ", ".join(r.name for r in runs)
+    scores = score_oof(runs)  # one pass over the OOF files: the OOF table and the confusion matrices
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="note">written {datetime.datetime.now():%Y-%m-%d %H:%M} from '
@@ -232,10 +216,11 @@ def build_report(
         "<h2>Out-of-fold scores</h2>",
         '<p class="note">Each image is scored by the fold model that never trained on it: the CV score of '
         "each run's fold ensemble, and of the runs' soft / hard vote.</p>",
-        _table(evaluate_oof(runs)),
+        _table(scores.frame()),
     ]
-    matrices, names = oof_confusion(runs)
-    combined = "soft vote" if "soft vote" in matrices else runs[0].name
+    names = scores.class_names
+    matrices = {m: scores.table.matrix(m) for m in scores.runs + scores.votes[:1]}  # runs and soft vote
+    combined = (scores.votes or scores.runs)[0]
     parts += [
         "<h2>Per-class IoU (OOF)</h2>",
         per_class_section(matrices, names),

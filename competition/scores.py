@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -24,29 +25,51 @@ from .tuning import FoldTable
 from .voting import class_weights, combine, soft_scores
 
 
+@dataclass
+class OofScores:
+    """One pass over the OOF files of ``runs``: a confusion matrix per (fold, model), where the models are
+    each run's fold ensemble and, with several runs, their weighted soft vote and hard vote."""
+
+    table: FoldTable
+    runs: list[str]
+    votes: list[str]  # [soft vote name, "hard vote"] with several runs, else empty
+    class_names: list[str]
+
+    def frame(self) -> pd.DataFrame:
+        """mIoU and pixel accuracy of each run per fold and over all folds, and of the votes overall."""
+        rows = []
+        for run in self.runs:
+            rows += [_row(run, f"fold{f}", self.table.matrix(run, [f])) for f in sorted(self.table.folds)]
+            rows.append(_row(run, "all folds", self.table.matrix(run)))
+        rows += [_row(name, "all folds", self.table.matrix(name)) for name in self.votes]
+        return pd.DataFrame(rows)
+
+
+def score_oof(
+    runs: Sequence[str | os.PathLike], weights: np.ndarray | Sequence[float] | None = None
+) -> OofScores:
+    """The ``OofScores`` of ``runs`` (per-run or per-run-and-class ``weights`` for the votes)."""
+    oof = OofRuns(runs)
+    w = class_weights(weights, len(oof.runs), oof.num_classes)
+    per_class = weights is not None and np.ndim(weights) == 2
+    soft = "soft vote " + ("per-class weights" if per_class else "+".join(f"{x:.2f}" for x in w[:, 0]))
+    votes = [soft, "hard vote"] if len(oof.runs) > 1 else []
+    table = FoldTable(oof.num_classes, oof.ignore_index)
+    for _, fold, probs, target in oof:
+        for run, p in zip(oof.runs, probs):
+            table.add(fold, run.name, p.argmax(0), target)
+        if votes:
+            table.add(fold, soft, combine(probs, w), target)
+            table.add(fold, "hard vote", combine(probs, w, "hard"), target)
+    return OofScores(table, [r.name for r in oof.runs], votes, oof.class_names)
+
+
 def evaluate_oof(
     runs: Sequence[str | os.PathLike], weights: np.ndarray | Sequence[float] | None = None
 ) -> pd.DataFrame:
     """OOF mIoU of each run per fold and over all folds (its fold ensemble's CV score) and, with several runs,
     of the weighted soft vote and of the hard vote."""
-    oof = OofRuns(runs)
-    w = class_weights(weights, len(oof.runs), oof.num_classes)
-    per_class = weights is not None and np.ndim(weights) == 2
-    soft = "soft vote " + ("per-class weights" if per_class else "+".join(f"{x:.2f}" for x in w[:, 0]))
-    table = FoldTable(oof.num_classes, oof.ignore_index)
-    for _, fold, probs, target in oof:
-        for run, p in zip(oof.runs, probs):
-            table.add(fold, run.name, p.argmax(0), target)
-        if len(oof.runs) > 1:
-            table.add(fold, soft, combine(probs, w), target)
-            table.add(fold, "hard vote", combine(probs, w, "hard"), target)
-    rows = []
-    for run in oof.runs:
-        rows += [_row(run.name, f"fold{f}", table.matrix(run.name, [f])) for f in sorted(table.folds)]
-        rows.append(_row(run.name, "all folds", table.matrix(run.name)))
-    if len(oof.runs) > 1:
-        rows += [_row(name, "all folds", table.matrix(name)) for name in (soft, "hard vote")]
-    return pd.DataFrame(rows)
+    return score_oof(runs, weights).frame()
 
 
 def _row(name: str, folds: str, matrix: np.ndarray) -> dict:

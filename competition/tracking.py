@@ -167,8 +167,9 @@ class Trackers:
 
     def __exit__(self, kind: Any, *rest: Any) -> None:
         status = "FINISHED" if kind is None else "FAILED"
+        artifacts = artifacts_of(self.run_dir) if self.loggers else {}
         for logger in self.loggers:
-            logger.finish(artifacts_of(self.run_dir), status)
+            logger.finish(artifacts, status)
 
 
 def artifacts_of(run_dir: Path) -> dict[str, str]:

@@ -331,6 +331,12 @@ def annotation_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]
     }
 
 
+def instance_region(rle: dict[str, Any]) -> tuple[int, int, np.ndarray]:
+    """An annotation's mask cropped to its box: the box's top-left ``(x, y)`` and the bool region."""
+    x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
+    return x, y, mask_utils.decode(rle)[y : y + h + 1, x : x + w + 1].astype(bool)
+
+
 def rasterize(
     annotations: Sequence[Mapping[str, Any]],
     height: int,
@@ -352,9 +358,8 @@ def rasterize(
         value = (
             IGNORE_INDEX if ann["iscrowd"] and crowd == "ignore" else category_to_class[ann["category_id"]]
         )
-        x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
-        region = mask_utils.decode(rle)[y : y + h + 1, x : x + w + 1].astype(bool)
-        mask[y : y + h + 1, x : x + w + 1][region] = value
+        x, y, region = instance_region(rle)
+        mask[y : y + region.shape[0], x : x + region.shape[1]][region] = value
     return mask
 
 

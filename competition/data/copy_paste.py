@@ -21,9 +21,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from pycocotools import mask as mask_utils
 
-from .coco import CocoIndex, annotation_rle, safe_join
+from .coco import CocoIndex, annotation_rle, instance_region, safe_join
 from .images import read_image
 
 
@@ -74,10 +73,10 @@ class CopyPaste:
         image_id, k, cls = self.instances[n]
         info = self.coco.images[image_id]
         ann = self.coco.annotations[image_id][k]
-        rle = annotation_rle(ann["segmentation"], info.height, info.width)
-        x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
-        region = mask_utils.decode(rle)[y : y + h + 1, x : x + w + 1].astype(bool)
-        image = read_image(safe_join(self.root, info.file_name))[y : y + h + 1, x : x + w + 1]
+        x, y, region = instance_region(annotation_rle(ann["segmentation"], info.height, info.width))
+        image = read_image(safe_join(self.root, info.file_name))[
+            y : y + region.shape[0], x : x + region.shape[1]
+        ]
         return image, region, cls
 
     def choose(self, rng: np.random.Generator, exclude_image: int | None = None) -> list[int]:

@@ -95,7 +95,8 @@ class PseudoLabelDataset(Dataset):
         return len(self.pseudo.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from .datasets import check_same_size, read_image, to_sample
+        from .datasets import check_same_size, to_sample
+        from .images import read_image
 
         item = self.pseudo.items[i]
         path = safe_join(self.pseudo.image_root, item["file_name"])
