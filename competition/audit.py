@@ -30,11 +30,13 @@ def run_audit(
     weights: Sequence[float] | None = None,
     gallery: int = 24,
     overwrite: bool = False,
+    allow_partial: bool = False,
 ) -> tuple[pd.DataFrame, list[Path]]:
-    """Write ``audit.csv`` and the gallery of the worst ``gallery`` images; returns both."""
+    """Write ``audit.csv`` and the gallery of the worst ``gallery`` images; returns both. Runs whose folds
+    did not all finish are refused unless ``allow_partial``."""
     out_dir = Path(out_dir)
     check_writable(out_dir / "audit.csv", overwrite)
     files, root = data_files(read_run_config(fold_dirs(runs[0])[0]))  # the data the runs trained on
-    table = audit_table(runs, files, weights)
+    table = audit_table(runs, files, weights, allow_partial)
     atomic_write_csv(out_dir / "audit.csv", table)
-    return table, write_gallery(runs, table, root, out_dir / "gallery", gallery, weights)
+    return table, write_gallery(runs, table, root, out_dir / "gallery", gallery, weights, allow_partial)

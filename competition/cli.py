@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inference_args(p)
     _add_submission_args(p)
     p.add_argument("--save-probs", type=Path, default=None, help="also save float16 probabilities (.npz)")
-    p.add_argument("--probs-size", type=int, default=256, help="side of the saved probabilities (0: native)")
+    p.add_argument(
+        "--probs-size", type=int, default=None,
+        help="side of the saved probabilities (default: as --size; 0: native)",
+    )  # fmt: skip
     p.add_argument("--overlays", type=int, default=4, help="overlay PNGs of the first N predictions")
     p.add_argument(
         "--postprocess", type=Path, default=None, help="postprocess.json of evaluate --tune-postprocess"
@@ -128,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threshold", type=float, default=0.9, help="min top-class probability to keep a pixel (default 0.9)"
     )
+    p.add_argument(
+        "--pooled", action="store_true",
+        help="one set labelled by every fold model (for a model trained on all images). Default: "
+        "fold-matched labels (fold k's student learns from the runs' fold-k models, which never saw fold "
+        "k's validation images), so OOF scores stay honest",
+    )  # fmt: skip
     _add_inference_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=commands.cmd_pseudo)
@@ -142,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", default=None, help="comma-separated weight per file (default: equal)")
     p.add_argument(
-        "--weights-file", type=Path, default=None, help="weights.json of evaluate --save-weights (per-class)"
+        "--weights-file",
+        type=Path,
+        default=None,
+        help="weights.json of evaluate --save-weights (per run or per class), matched to the files by the "
+        "run that made each (their provenance), in any order",
     )
     p.add_argument(
         "--vote", choices=("soft", "hard"), default="soft",
@@ -151,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--test", required=True, type=Path, help="test COCO json (row order and ids)")
     p.add_argument("--out", required=True, type=Path)
+    _add_allow_partial(p)
     _add_submission_args(p)
     p.add_argument(
         "--postprocess", type=Path, default=None, help="postprocess.json of evaluate --tune-postprocess"
@@ -204,7 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="one self-contained HTML report of runs: config, curves, OOF scores, per-class IoU, confusion "
         "matrix, worst OOF images, submission class distribution",
     )
-    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs trained on the same folds")
+    _add_runs_args(p)
+    p.add_argument(
+        "--weights-file", type=Path, default=None,
+        help="weights.json of evaluate --save-weights: the vote of the submission (matched by run name)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("report.html"), help="HTML file to write")
     p.add_argument("--submission", type=Path, default=None, help="a submission CSV to compare with training")
     _add_submission_args(p)
@@ -235,7 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_allow_partial(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-partial", action="store_true",
+        help="use runs whose folds did not all finish (or lack folds of their folds file); the output "
+        "records it. Without it such runs are refused, naming the folds",
+    )  # fmt: skip
+
+
 def _add_prediction_inputs(p: argparse.ArgumentParser, test_help: str) -> None:
+    _add_allow_partial(p)
     p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs (every fold) or fold dirs")
     p.add_argument("--weights", default=None, help="comma-separated weight per run (default: equal)")
     p.add_argument("--data-root", required=True, type=Path, help="folder the test file names are relative to")
@@ -243,6 +270,7 @@ def _add_prediction_inputs(p: argparse.ArgumentParser, test_help: str) -> None:
 
 
 def _add_runs_args(p: argparse.ArgumentParser) -> None:
+    _add_allow_partial(p)
     p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs trained on the same folds")
     p.add_argument("--weights", default=None, help="comma-separated weight per run")
 

@@ -88,9 +88,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         fmt=args.format,
         size=args.size or None,
         save_probs=args.save_probs,
-        probs_size=args.probs_size or None,
+        probs_size=(args.size if args.probs_size is None else args.probs_size) or None,
         overlays=args.overlays,
         postprocess=args.postprocess,
+        allow_partial=args.allow_partial,
         **_loading(args),
     )
     print(
@@ -136,6 +137,8 @@ def cmd_pseudo(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         weights=_floats(args.weights),
         opts=_inference_options(args),
+        pooled=args.pooled,
+        allow_partial=args.allow_partial,
         **_loading(args),
     )
     table = coverage_summary(summary["coverage"], summary["classes"])
@@ -153,33 +156,29 @@ def _device(name: str) -> str:
     return str(resolve_device(name))
 
 
-def _test_ids(test: Path) -> list[str]:
-    """File names of a test COCO json in its order (the submission's expected ``image_id`` column)."""
-    return [info.file_name for info in load_coco(test, None).images.values()]
+def _test_images(test: Path) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """File names of a test COCO json in its order (the submission's expected ``image_id`` column) and each
+    image's ``(height, width)``."""
+    images = load_coco(test, None).images.values()
+    return [i.file_name for i in images], {i.file_name: (i.height, i.width) for i in images}
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    from .data.coco import load_coco
-    from .ensemble import load_weights, read_prob_files
-    from .postprocess import PostProcess
-    from .submission import submission_rows, write_submission
-    from .voting import vote_mask
+    from .ensemble import ensemble_probs
 
-    coco = load_coco(args.test, None)
-    size = args.size or None
-    names, members = read_prob_files(args.probs, [str(i) for i in coco.images])
-    weights = (
-        load_weights(args.weights_file, len(args.probs), names)
-        if args.weights_file
-        else _floats(args.weights)
+    path = ensemble_probs(
+        args.probs,
+        args.test,
+        args.out,
+        weights=_floats(args.weights),
+        weights_file=args.weights_file,
+        vote=args.vote,
+        fmt=args.format,
+        size=args.size or None,
+        postprocess=args.postprocess,
+        overwrite=args.overwrite,
+        allow_partial=args.allow_partial,
     )
-    post = PostProcess.load(args.postprocess, names) if args.postprocess else None
-    rows = []
-    for (_, probs), info in zip(members, coco.images.values()):
-        mask = vote_mask(probs, weights, args.vote, size)
-        rows += submission_rows(info.file_name, post(mask) if post else mask, args.format, size)
-    expected = [info.file_name for info in coco.images.values()]
-    path = write_submission(rows, args.out, expected, len(names), args.format, size, args.overwrite)
     print(f"{args.vote} vote of {len(args.probs)} probability files -> {path} (validated)")
     return 0
 
@@ -187,8 +186,9 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .submission import validate_submission
 
+    ids, shapes = _test_images(args.test)
     problems = validate_submission(
-        args.submission, _test_ids(args.test), args.classes, args.format, args.size or None
+        args.submission, ids, args.classes, args.format, args.size or None, shapes=shapes
     )
     if problems:
         print(f"{args.submission}: INVALID, {len(problems)} problem(s) (first shown):", file=sys.stderr)
@@ -204,10 +204,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .oof import OofRuns
     from .scores import evaluate_oof
 
-    weights = _floats(args.weights)
+    weights, fold_weights = _floats(args.weights), None
     table = lambda frame: frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")  # noqa: E731
+    partial = args.allow_partial
     if args.search_weights:
-        found = search_weights(args.runs, args.step, per_class=args.per_class)
+        found = search_weights(args.runs, args.step, per_class=args.per_class, allow_partial=partial)
+        weights, fold_weights = found.weights, found.fold_weights
         weights = found.weights
         print(table(found.table.head(10)))
         kind = "per-class weights" if args.per_class else f"weights {[round(float(w), 3) for w in weights]}"
@@ -217,13 +219,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             "folds): expect the latter"
         )
         if args.save_weights:
-            save_weights(args.save_weights, found, args.runs, OofRuns(args.runs).class_names, args.overwrite)
+            settings = {"step": args.step, "per_class": args.per_class}
+            save_weights(args.save_weights, found, OofRuns(args.runs, partial), args.overwrite, **settings)
             print(f"weights: {args.save_weights}")
-    print(table(evaluate_oof(args.runs, weights)))
+    print(table(evaluate_oof(args.runs, weights, partial)))
     if args.tune_postprocess:
         from .postprocess import tune
 
-        tuned = tune(args.runs, weights)
+        tuned = tune(args.runs, weights, fold_weights, partial)
         tuned.postprocess.save(args.tune_postprocess, args.overwrite)
         pp = tuned.postprocess
         print(
@@ -240,7 +243,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import run_audit
 
-    table, gallery = run_audit(args.runs, args.out, _floats(args.weights), args.gallery, args.overwrite)
+    table, gallery = run_audit(
+        args.runs, args.out, _floats(args.weights), args.gallery, args.overwrite, args.allow_partial
+    )
     shown = table.head(10)[["rank", "file_name", "fold", "score", "pixel_error", "top_confusion"]]
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(
@@ -254,9 +259,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import build_report
 
+    weights = _floats(args.weights)
+    if args.weights_file:
+        from .ensemble import weights_for_runs
+
+        weights = weights_for_runs(args.weights_file, args.runs)
     path = build_report(
-        args.runs, args.out, args.submission, args.format, args.size or None, args.worst, args.overwrite
-    )
+        args.runs, args.out, args.submission, args.format, args.size or None, args.worst, args.overwrite,
+        weights=weights, allow_partial=args.allow_partial,
+    )  # fmt: skip
     print(f"report: {path.resolve()} (self-contained; open it in a browser: file://{path.resolve()})")
     return 0
 

@@ -40,7 +40,9 @@ class DataConfig(_Section):
     (``value_map: binary`` maps mask > 127 to class 1). ``folds``: CSV with ``image_id`` and ``fold``.
     ``exclude``: file names left out of training and validation (``competition audit`` helps to find them).
     ``extra``: pseudo-labelled sets (folders written by ``competition pseudo``) added to the training split of
-    every fold, never to validation.
+    every fold, never to validation; fold-matched sets give fold k the labels of the teachers' fold-k models.
+    ``extra_pooled``: accept sets labelled by every fold model (``pseudo --pooled``), whose labels carry
+    what the teachers learned from each fold's validation images (OOF scores are then optimistic).
     """
 
     format: Literal["coco", "folder"] = "coco"
@@ -56,6 +58,7 @@ class DataConfig(_Section):
     folds: Path
     exclude: Path | None = None
     extra: list[Path] = Field(default_factory=list)
+    extra_pooled: bool = False
 
     @model_validator(mode="after")
     def _paths_for_format(self) -> DataConfig:

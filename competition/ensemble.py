@@ -14,16 +14,20 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from . import provenance
 from .checkpoint import CheckpointError
 from .io import atomic_write_text
 from .oof import OofRuns, check_same_classes, stored_class_names
+from .provenance import ProvenanceError
 from .tuning import FoldTable, nested_folds
 from .voting import class_weights, combine
 
@@ -40,13 +44,19 @@ class WeightSearch:
 
 
 def _simplex(members: int, step: float) -> list[np.ndarray]:
+    """Weight vectors on the simplex ``step`` apart, equal weights first (added when off the grid), then by
+    distance from equal weights: ties between equally good candidates go to the plainest (``FoldTable.best``
+    takes the earliest), not to an extreme such as ``[0, 1]``."""
     ticks = int(round(1 / step))
     points = itertools.product(range(ticks + 1), repeat=members)
-    return [np.array(c) / ticks for c in points if sum(c) == ticks]
+    grid = [np.array(c) / ticks for c in points if sum(c) == ticks]
+    equal = np.full(members, 1.0 / members)
+    grid = [g for g in grid if not np.allclose(g, equal)]
+    return [equal] + sorted(grid, key=lambda g: float(np.abs(g - equal).sum()))
 
 
 def search_weights(
-    runs: Sequence[str | os.PathLike], step: float = 0.1, per_class: bool = False
+    runs: Sequence[str | os.PathLike], step: float = 0.1, per_class: bool = False, allow_partial: bool = False
 ) -> WeightSearch:
     """Grid search of run weights on the simplex (``step`` apart) by OOF mIoU, with the nested-by-folds score
     next to the in-sample one (module docstring).
@@ -55,7 +65,7 @@ def search_weights(
     its own from the same grid (the other classes keep the per-run weights). The nested score repeats the
     whole search without each fold.
     """
-    oof = OofRuns(runs)
+    oof = OofRuns(runs, allow_partial)
     if len(oof.runs) < 2:
         raise ValueError("weight search needs at least two runs")
     grid = _simplex(len(oof.runs), step)
@@ -110,56 +120,175 @@ def _per_class(oof: OofRuns, grid: list[np.ndarray], bases: dict) -> dict:
     return out
 
 
-def read_prob_files(
-    paths: Sequence[str | os.PathLike], keys: Sequence[str]
-) -> tuple[list[str], Iterator[tuple[str, list[np.ndarray]]]]:
-    """The common class names of ``predict --save-probs`` files and an iterator of ``(key, [probabilities of
-    each file])`` for each key (test image id). Files of other class lists, or missing keys, are refused
-    before anything is read."""
-    files = [np.load(p) for p in paths]
-    names = check_same_classes([(str(p), stored_class_names(f, p)) for p, f in zip(paths, files)])
-    for path, f in zip(paths, files):
-        missing = [k for k in keys if f"pred__{k}" not in f.files]
-        if missing:
-            raise CheckpointError(f"{path} has no probabilities for images {missing[:5]}")
+@dataclass
+class ProbFiles:
+    """``predict --save-probs`` files opened together (``read_prob_files``)."""
 
-    def iterate() -> Iterator[tuple[str, list[np.ndarray]]]:
+    paths: list[Path]
+    files: list[Any]
+    class_names: list[str]
+    blocks: list[dict[str, Any] | None]  # each file's provenance (None: written before provenance)
+
+    def iterate(self, keys: Sequence[str]) -> Iterator[tuple[str, list[np.ndarray]]]:
+        """``(key, [probabilities of each file])`` for each key (test image id)."""
         for key in keys:
-            probs = [f[f"pred__{key}"] for f in files]
+            probs = [f[f"pred__{key}"] for f in self.files]
             if len({p.shape for p in probs}) > 1:
                 raise CheckpointError(
                     f"probability maps of {key} differ in shape: {[p.shape for p in probs]}"
                 )
             yield key, probs
 
-    return names, iterate()
+    def partial(self) -> list[str]:
+        """The incomplete-run problems the files were made with (``predict --allow-partial``)."""
+        return [f"{p}: {x}" for p, b in zip(self.paths, self.blocks) for x in (b or {}).get("partial", [])]
+
+
+def read_prob_files(paths: Sequence[str | os.PathLike], keys: Sequence[str]) -> ProbFiles:
+    """Open ``predict --save-probs`` files: their common class names are checked, and every key (test image
+    id) must be in every file, before anything is read."""
+    files = [np.load(p) for p in paths]
+    names = check_same_classes([(str(p), stored_class_names(f, p)) for p, f in zip(paths, files)])
+    for path, f in zip(paths, files):
+        missing = [k for k in keys if f"pred__{k}" not in f.files]
+        if missing:
+            raise CheckpointError(f"{path} has no probabilities for images {missing[:5]}")
+    return ProbFiles([Path(p) for p in paths], files, names, [provenance.from_npz(f) for f in files])
 
 
 def save_weights(
     path: str | os.PathLike,
     found: WeightSearch,
-    runs: Sequence[str | os.PathLike],
-    class_names: Sequence[str],
+    oof: OofRuns,
     overwrite: bool = False,
+    **settings: Any,
 ) -> None:
-    """``weights.json``: searched weights, their runs and classes (read by ``ensemble --weights-file``)."""
+    """``weights.json``: searched weights by run name, their classes, scores and provenance (read by
+    ``ensemble --weights-file``)."""
     data = {
-        "runs": [str(r) for r in runs],
-        "class_names": list(class_names),
+        "runs": [info.name for info in oof.infos],
+        "class_names": list(oof.class_names),
         "weights": found.weights.tolist(),
+        "oof_miou_in_sample": found.in_sample,
+        "oof_miou_nested": found.nested,
+        provenance.KEY: provenance.record(
+            "weights", oof.infos, oof.class_names, partial=oof.partial, **settings
+        ),
     }
-    data |= {"oof_miou_in_sample": found.in_sample, "oof_miou_nested": found.nested}
     atomic_write_text(path, json.dumps(data, indent=2), overwrite)
 
 
-def load_weights(path: str | os.PathLike, members: int, class_names: Sequence[str]) -> np.ndarray:
-    """Weights from ``save_weights``, checked against the number of members and their classes."""
+def load_weights(path: str | os.PathLike, probs: ProbFiles) -> np.ndarray:
+    """The weights of ``weights.json`` (``save_weights``) in the order of the probability files, matched by
+    the run that made each file (its provenance), in any order (``_weights_in_order``)."""
+    members = []
+    for file, block in zip(probs.paths, probs.blocks):
+        if len(provenance.run_names(block)) != 1:
+            raise ProvenanceError(
+                f"{file} was made by {provenance.describe(block)}: weights.json weighs single runs, so each "
+                "probability file must come from one run (predict --runs RUN --save-probs FILE)"
+            )
+        members.append((str(file), block["runs"][0]))
+    return _weights_in_order(path, members, probs.class_names)
+
+
+def weights_for_runs(path: str | os.PathLike, runs: Sequence[str | os.PathLike]) -> np.ndarray:
+    """The weights of ``weights.json`` in the order of the run directories ``runs``, matched by name."""
+    infos = [provenance.read_run(r) for r in runs]
+    return _weights_in_order(path, [(str(i.dir), i.record()) for i in infos], infos[0].class_names)
+
+
+def _weights_in_order(
+    path: str | os.PathLike, members: Sequence[tuple[str, dict[str, Any]]], class_names: Sequence[str] | None
+) -> np.ndarray:
+    """Rows of ``weights.json`` for ``members`` (``(what, run record)``): a member of a run the weights were
+    not chosen for, a run without a member, two members of one run, or a member of a run with the same name
+    but another config is an error naming both sides."""
     data = json.loads(Path(path).read_text())
-    if data["class_names"] != list(class_names):
-        raise ValueError(f"{path} holds weights for classes {data['class_names']}, not {list(class_names)}")
-    weights = np.asarray(data["weights"], dtype=np.float64)
-    if len(weights) != members:
-        raise ValueError(
-            f"{path} holds weights for {len(weights)} runs ({data['runs']}), got {members} files"
+    if class_names is not None and data["class_names"] != list(class_names):
+        raise ProvenanceError(
+            f"{path} holds weights for classes {data['class_names']}, {members[0][0]} has {list(class_names)}"
         )
-    return weights
+    weights = np.asarray(data["weights"], dtype=np.float64)
+    chosen = data.get(provenance.KEY, {}).get("runs") or [{"name": Path(r).name} for r in data["runs"]]
+    index = {r["name"]: k for k, r in enumerate(chosen)}
+    order = []
+    for what, run in members:
+        name = run["name"]
+        if name not in index:
+            raise ProvenanceError(
+                f"{what} comes from run {name!r}; {path} has weights for runs {list(index)}"
+            )
+        want, have = chosen[index[name]].get("config_hash"), run.get("config_hash")
+        if want and have and want != have:
+            raise ProvenanceError(
+                f"{what} comes from run {name!r} with config {have}, but {path} chose weights for run "
+                f"{name!r} with config {want}: another run of the same name"
+            )
+        if index[name] in order:
+            raise ProvenanceError(f"two inputs come from run {name!r}")
+        order.append(index[name])
+    unused = [r["name"] for k, r in enumerate(chosen) if k not in order]
+    if unused:
+        raise ProvenanceError(
+            f"{path} chose weights for runs {[r['name'] for r in chosen]} together; nothing given of {unused}"
+        )
+    return weights[order]
+
+
+def ensemble_probs(
+    paths: Sequence[str | os.PathLike],
+    test_json: str | os.PathLike,
+    out: str | os.PathLike,
+    weights: Sequence[float] | None = None,
+    weights_file: str | os.PathLike | None = None,
+    vote: str = "soft",
+    fmt: str = "boostcamp",
+    size: int | None = 256,
+    postprocess: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    allow_partial: bool = False,
+) -> Path:
+    """Vote saved probability files (``predict --save-probs``) into a validated submission, with its
+    provenance beside it. ``weights_file`` (``weights.json``) is matched to the files by run name;
+    ``size=None`` writes each mask at its image's size from ``test_json``. Files made from unfinished runs
+    (``predict --allow-partial``) are refused unless ``allow_partial``."""
+    from .data.coco import load_coco
+    from .postprocess import PostProcess
+    from .submission import submission_rows, write_submission
+    from .voting import vote_mask
+
+    coco = load_coco(test_json, None)
+    files = read_prob_files(paths, [str(i) for i in coco.images])
+    partial = files.partial()
+    if partial and not allow_partial:
+        raise ProvenanceError(
+            "probability files made from incomplete runs: " + "; ".join(partial) + ". Pass --allow-partial "
+            "to use them anyway (the output records it)"
+        )
+    for problem in partial:
+        warnings.warn(f"--allow-partial: {problem}", stacklevel=2)
+    if weights_file is not None:
+        weights = load_weights(weights_file, files)
+    post = PostProcess.load(postprocess, files.class_names) if postprocess else None
+    rows = []
+    for (_, probs), info in zip(files.iterate([str(i) for i in coco.images]), coco.images.values()):
+        mask = vote_mask(probs, weights, vote, size or (info.height, info.width))
+        rows += submission_rows(info.file_name, post(mask) if post else mask, fmt, size)
+    expected = [info.file_name for info in coco.images.values()]
+    shapes = {info.file_name: (info.height, info.width) for info in coco.images.values()}
+    path = write_submission(rows, out, expected, len(files.class_names), fmt, size, overwrite, shapes)
+    block = {
+        "kind": "submission",
+        "made_from": [{"file": str(p), "provenance": b} for p, b in zip(files.paths, files.blocks)],
+        "class_names": files.class_names,
+        "vote": vote,
+        "weights": None if weights is None else np.asarray(weights).tolist(),
+        "weights_file": str(weights_file) if weights_file else None,
+        "format": fmt,
+        "size": size,
+        "postprocess": str(postprocess) if postprocess else None,
+        "partial": partial,
+    }
+    provenance.write_sidecar(path, block)
+    return path

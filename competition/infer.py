@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .predictor import Ensemble, InferenceOptions, image_loader, iterate_predictions, load_specs
+from . import provenance
+from .predictor import Ensemble, InferenceOptions, image_loader, iterate_predictions, load_runs
+from .runtime import normalize_weights
 
 
 def predict(
@@ -35,11 +37,14 @@ def predict(
     overwrite: bool = False,
     progress: bool = True,
     postprocess: str | os.PathLike | None = None,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Predict every image of ``test_json`` with the weighted ensemble of every fold of ``runs`` (+ TTA) and
-    write the submission (validated, atomic); optionally the probabilities (``save_probs``, float16 at
-    ``probs_size``) for later multi-run ensembling, and overlay PNGs of the first ``overlays`` images.
-    ``postprocess``: a ``postprocess.json`` (tuned on OOF) applied to each submission mask.
+    write the submission (validated, atomic) with its provenance beside it (``submission.provenance.json``);
+    optionally the probabilities (``save_probs``, float16 at ``probs_size``, 0 / ``None``: native) for later
+    multi-run ensembling, and overlay PNGs of the first ``overlays`` images. ``size=None``: native-size
+    masks. ``postprocess``: a ``postprocess.json`` (tuned on OOF) applied to each submission mask. Runs whose
+    folds did not all finish are refused unless ``allow_partial`` (the provenance records it).
     """
     from .data.coco import load_coco, safe_join
     from .data.datasets import TestImageDataset, read_image
@@ -54,8 +59,16 @@ def predict(
     if save_probs:
         check_writable(save_probs, overwrite)
     coco = load_coco(test_json, data_root)
-    specs, names = load_specs(runs, weights, device)
+    loaded = load_runs(runs, weights, device, allow_partial)
+    specs, names = loaded.specs, loaded.names
     post = PostProcess.load(postprocess, names) if postprocess else None
+    settings = {
+        "weights": normalize_weights(weights, len(runs)).tolist(),
+        "tta": opts.views,
+        "scales": opts.scales,
+        "tile": opts.tile,
+        "partial": loaded.partial,
+    }
     for spec in specs:
         if opts.channels_last:
             spec.model.to(memory_format=torch.channels_last)
@@ -86,8 +99,13 @@ def predict(
         if writer is not None:
             writer.put("image_ids", np.array([str(i) for i in coco.images]))
             writer.put("class_names", np.array(names))
+            block = provenance.record("probs", loaded.infos, names, size=probs_size, **settings)
+            writer.put(provenance.KEY, provenance.to_npz(block))
     expected = [info.file_name for info in coco.images.values()]
-    path = write_submission(rows, out, expected, len(names), fmt, size, overwrite)
+    shapes = {info.file_name: (info.height, info.width) for info in coco.images.values()}
+    path = write_submission(rows, out, expected, len(names), fmt, size, overwrite, shapes)
+    block = {"format": fmt, "size": size, **settings, "postprocess": str(postprocess) if postprocess else None}
+    provenance.write_sidecar(path, provenance.record("submission", loaded.infos, names, **block))
     return {
         "submission": path,
         "images": len(dataset),

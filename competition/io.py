@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -24,6 +25,15 @@ def _publish(tmp: Path, path: Path) -> None:
     """Give a finished temp file the usual permissions (mkstemp makes 0600) and rename it onto ``path``."""
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """SHA-256 (hex, first 16 digits) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 class OutputExistsError(FileExistsError):

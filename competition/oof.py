@@ -3,7 +3,8 @@ combined belong together.
 
 ``fold<k>/oof.npz`` (``train.oof``): ``pred__<id>`` (float16 ``[C, h, w]`` probabilities or uint8 ``[h, w]``
 argmax), ``target__<id>`` (uint8 mask at the same size), ``image_ids``, ``class_names``, ``fold`` and
-``ignore_index``. ``predict --save-probs`` files hold ``pred__<id>``, ``image_ids`` and ``class_names``.
+``ignore_index`` and ``provenance`` (run name, config and folds hashes, fold, size). ``predict --save-probs``
+files hold ``pred__<id>``, ``image_ids``, ``class_names`` and ``provenance`` (``competition.provenance``).
 Anything that combines such files (OOF evaluation, weight search, ``competition ensemble``) refuses files
 whose class lists differ, naming both lists: same-sized maps of classes in another order would otherwise be
 averaged channel by channel.
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, fold_dirs, read_best_meta
+from . import provenance
+from .checkpoint import CheckpointError, read_best_meta
 from .io import NpzStreamWriter
 from .runtime import sample_id
 
@@ -42,10 +44,13 @@ class OofWriter:
         class_names: Sequence[str],
         fold: int,
         ignore_index: int,
+        origin: dict[str, Any] | None = None,
     ):
         self.writer, self.mode, self.size, self.ids = NpzStreamWriter(path), mode, size, []
         self.meta = {"class_names": np.array(list(class_names)), "fold": np.array(fold)}
         self.meta["ignore_index"] = np.array(ignore_index)
+        block = {"kind": "oof", "fold": fold, "size": size, **(origin or {})}
+        self.meta[provenance.KEY] = provenance.to_npz(block)
 
     def __enter__(self) -> OofWriter:
         self.writer.__enter__()
@@ -97,19 +102,22 @@ def check_same_classes(named: Sequence[tuple[str, list[str]]]) -> list[str]:
 class OofRuns:
     """The OOF files of one or more runs trained on the same folds, checked to belong together.
 
-    Iterating yields, per training image, ``(image_id, fold, [probs of each run], target)``; the fold is the
-    number in the fold's ``best.json`` (not a position in a sorted list of folder names).
+    Runs whose folds did not all finish are refused (``allow_partial``: used as they are, and ``partial``
+    lists what was accepted). Iterating yields, per training image, ``(image_id, fold, [probs of each run],
+    target)``; the fold is the number in the fold's ``best.json`` (not a position in a sorted list of folder
+    names).
     """
 
-    def __init__(self, runs: Sequence[str | os.PathLike]):
+    def __init__(self, runs: Sequence[str | os.PathLike], allow_partial: bool = False):
         if not runs:
             raise ValueError("no runs given")
         self.runs = [Path(r) for r in runs]
+        self.infos, self.partial = provenance.complete_runs(self.runs, allow_partial)
         self.tables: list[dict[str, tuple[int, Any]]] = []
         named, ignores = [], []
-        for run in self.runs:
+        for info in self.infos:
             table: dict[str, tuple[int, Any]] = {}
-            for d in fold_dirs(run):
+            for d in info.fold_dirs():
                 path = d / OOF_FILE
                 if not path.is_file():
                     raise CheckpointError(f"no out-of-fold predictions {path} (train with train.oof=probs)")

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 from scipy import ndimage
 
+from . import provenance
 from .io import atomic_write_text
 from .metrics import confusion
 from .oof import OofRuns
@@ -70,6 +72,7 @@ class PostProcess:
     min_area: dict[str, float] = field(default_factory=dict)
     fill_holes: dict[str, bool] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)  # the runs and weights it was tuned on
 
     def __post_init__(self) -> None:
         unknown = sorted((set(self.min_area) | set(self.fill_holes)) - set(self.class_names[1:]))
@@ -122,8 +125,8 @@ def _apply(mask: np.ndarray, candidate: tuple[int, float, bool]) -> np.ndarray:
 
 @dataclass
 class Tuned:
-    """Result of ``tune``: the settings chosen on every fold and the scores of plain argmax, in-sample and
-    nested post-processing."""
+    """Result of ``tune``: the settings chosen on every fold, those chosen without each fold, and the scores
+    of plain argmax, in-sample and nested post-processing."""
 
     postprocess: PostProcess
     fold_postprocess: dict[int, PostProcess]
@@ -132,28 +135,43 @@ class Tuned:
     nested: float
 
 
-def tune(runs: Sequence[str | os.PathLike], weights: np.ndarray | Sequence[float] | None = None) -> Tuned:
-    """Choose each class's post-processing on the OOF predictions of ``runs`` (soft vote with ``weights``)."""
-    oof = OofRuns(runs)
+def tune(
+    runs: Sequence[str | os.PathLike],
+    weights: np.ndarray | Sequence[float] | None = None,
+    fold_weights: Mapping[int, np.ndarray] | None = None,
+    allow_partial: bool = False,
+) -> Tuned:
+    """Choose each class's post-processing on the OOF predictions of ``runs`` (soft vote with ``weights``).
+
+    ``fold_weights``: when ``weights`` were themselves chosen on the OOF predictions, the weights chosen
+    without each fold (``ensemble.WeightSearch.fold_weights``). The nested score then post-processes fold f
+    with settings tuned, on the other folds, on the vote of fold f's weights: neither choice saw fold f.
+    """
+    oof = OofRuns(runs, allow_partial)
     names, classes = oof.class_names, oof.num_classes
     candidates = _candidates(classes)
-    table = FoldTable(classes, oof.ignore_index)
+    folds = nested_folds(oof)
+    bases = {None: weights} | {f: (fold_weights or {}).get(f, weights) for f in folds}
+    # one candidate table per distinct weight vector; base f's choice leaves fold f out of it
+    keys = {b: _weights_key(w) for b, w in bases.items()}
+    tables = {k: FoldTable(classes, oof.ignore_index) for k in set(keys.values())}
+    votes = {k: bases[next(b for b in bases if keys[b] == k)] for k in tables}
     for _, fold, probs, target in oof:
-        pred = combine(probs, weights)
-        plain = confusion(pred, target, classes, oof.ignore_index)
-        for cand in candidates:
-            changed = _apply(pred, cand)
-            if changed is pred:  # nothing changes for this class here: the plain argmax's counts
-                table.add_counts(fold, cand, plain)
-            else:
-                table.add(fold, cand, changed, target)
-    folds = nested_folds(table)
+        for k, table in tables.items():
+            pred = combine(probs, votes[k])
+            plain = confusion(pred, target, classes, oof.ignore_index)
+            for cand in candidates:
+                changed = _apply(pred, cand)
+                if changed is pred:  # nothing changes for this class here: the plain argmax's counts
+                    table.add_counts(fold, cand, plain)
+                else:
+                    table.add(fold, cand, changed, target)
 
     def choose(without: int | None) -> PostProcess:
         pp = PostProcess(names)
         for c in range(1, classes):
             options = [cand for cand in candidates if cand[0] == c]
-            _, area, holes = table.best(options, without)
+            _, area, holes = tables[keys[without]].best(options, without)
             if area > 0:
                 pp.min_area[names[c]] = area
             if holes:
@@ -166,8 +184,21 @@ def tune(runs: Sequence[str | os.PathLike], weights: np.ndarray | Sequence[float
         pred = combine(probs, weights)
         final.add(fold, "plain", pred, target)
         final.add(fold, "in", chosen(pred), target)
-        final.add(fold, "nested", per_fold[fold](pred), target)
+        final.add(fold, "nested", per_fold[fold](combine(probs, bases[fold])), target)
     scores = {name: final.miou(name) for name in ("plain", "in", "nested")}
     chosen.scores = {"oof_miou_plain": scores["plain"], "oof_miou_in_sample": scores["in"]}
     chosen.scores["oof_miou_nested"] = scores["nested"]
+    w = None if weights is None else np.asarray(weights).tolist()
+    chosen.provenance = provenance.record(
+        "postprocess",
+        oof.infos,
+        names,
+        weights=w,
+        nested_weights=fold_weights is not None,
+        partial=oof.partial,
+    )
     return Tuned(chosen, per_fold, scores["plain"], scores["in"], scores["nested"])
+
+
+def _weights_key(weights: Any) -> Hashable:
+    return None if weights is None else tuple(np.asarray(weights, dtype=np.float64).ravel().round(12))

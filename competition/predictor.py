@@ -13,7 +13,7 @@ through the model in one forward.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +89,7 @@ class ModelSpec:
     multiple: int = 32
     name: str = "model"
     input_size: int | None = None
+    fold: int | None = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         if self.mean is None:
@@ -213,17 +214,40 @@ class Ensemble:
         return out
 
 
-def load_specs(
-    runs: Sequence[str | os.PathLike], weights: Sequence[float] | None = None, device: Any = "cpu"
-) -> tuple[list[ModelSpec], list[str]]:
-    """Every fold of every run as a ``ModelSpec``; a run's weight is split evenly over its folds.
+@dataclass
+class LoadedRuns:
+    """The fold models of some runs (``load_runs``), their class names, what the runs are
+    (``provenance.RunInfo``) and the problems accepted with ``allow_partial``."""
 
-    Returns the specs and the class names (which must agree across runs).
-    """
+    specs: list[ModelSpec]
+    names: list[str]
+    infos: list[Any]
+    partial: list[str]
+
+    def by_fold(self) -> dict[int, list[ModelSpec]]:
+        """The models of each fold number (every run's fold-k model under k)."""
+        out: dict[int, list[ModelSpec]] = {}
+        for spec in self.specs:
+            out.setdefault(int(spec.fold), []).append(spec)
+        return dict(sorted(out.items()))
+
+
+def load_runs(
+    runs: Sequence[str | os.PathLike],
+    weights: Sequence[float] | None = None,
+    device: Any = "cpu",
+    allow_partial: bool = False,
+) -> LoadedRuns:
+    """Every fold of every run as a ``ModelSpec``; a run's weight is split evenly over its folds. Runs whose
+    folds did not all finish are refused unless ``allow_partial`` (``provenance.check_complete``); the class
+    names must agree across runs."""
+    from .provenance import complete_runs
+
     run_weights = normalize_weights(weights, len(runs))  # checked before any model is loaded
+    infos, partial = complete_runs(runs, allow_partial)
     specs, names = [], None
-    for run, run_weight in zip(runs, run_weights):
-        dirs = ckpt.fold_dirs(run)
+    for info, run_weight in zip(infos, run_weights):
+        dirs = info.fold_dirs()
         for d in dirs:
             model, cfg, meta = ckpt.load_fold_model(d, device)
             if names is None:
@@ -239,20 +263,41 @@ def load_specs(
                     weight=float(run_weight) / len(dirs),
                     name=f"{cfg.name}/{d.name}",
                     input_size=cfg.augment.eval_size,
+                    fold=int(meta["fold"]),
                 )
             )
-    return specs, list(names or [])
+    return LoadedRuns(specs, list(names or []), infos, partial)
+
+
+def load_specs(
+    runs: Sequence[str | os.PathLike],
+    weights: Sequence[float] | None = None,
+    device: Any = "cpu",
+    allow_partial: bool = False,
+) -> tuple[list[ModelSpec], list[str]]:
+    """``load_runs`` reduced to the specs and the class names."""
+    loaded = load_runs(runs, weights, device, allow_partial)
+    return loaded.specs, loaded.names
 
 
 def iterate_predictions(
     ensemble: Ensemble, loader: DataLoader, device: Any = "cpu"
 ) -> Iterator[tuple[Any, str, torch.Tensor]]:
     """``(image_id, file_name, probs [C, H, W])`` per image, streamed batch by batch (probs on CPU)."""
+    for image_id, file_name, probs in iterate_group_predictions({None: ensemble}, loader, device):
+        yield image_id, file_name, probs[None]
+
+
+def iterate_group_predictions(
+    ensembles: Mapping[Any, Ensemble], loader: DataLoader, device: Any = "cpu"
+) -> Iterator[tuple[Any, str, dict[Any, torch.Tensor]]]:
+    """``(image_id, file_name, {key: probs [C, H, W]})`` per image: every ensemble on each batch, which is
+    read once (e.g. one ensemble per fold for fold-matched pseudo-labels)."""
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
-        probs = ensemble(images).cpu()
-        for i, p in enumerate(probs):
-            yield sample_id(batch["image_id"][i]), batch["file_name"][i], p
+        probs = {key: ensemble(images).cpu() for key, ensemble in ensembles.items()}
+        for i in range(len(images)):
+            yield sample_id(batch["image_id"][i]), batch["file_name"][i], {k: p[i] for k, p in probs.items()}
 
 
 def image_loader(dataset: Any, sizes: set, batch_size: int, workers: int, device: Any) -> DataLoader:

@@ -1,7 +1,9 @@
 """The ``pseudo`` stage: confident pseudo masks of unlabelled (test) images, for the next training round.
 
 The fold/run ensemble (+ TTA) predicts every image; each pixel gets the arg-max class, or 255 (ignored in the
-loss) where the top probability is below ``threshold``. The set (``pseudo.json``, ``masks/``,
+loss) where the top probability is below ``threshold``. By default the set is fold-matched: fold k's masks
+come from the runs' fold-k models only, which never saw fold k's validation images, so a student's OOF
+predictions stay out-of-fold (``make_pseudo``). The set (``pseudo.json``, ``masks/``,
 ``coverage.csv``; see ``data.pseudo_labels``) is written into a temp folder and renamed, so an interrupted
 run leaves nothing. Train on it with ``data.extra: [DIR]``; a second round predicts with the models of the
 first round's training and writes a new set.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,11 +23,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data.coco import IGNORE_INDEX, load_coco, safe_join, write_png
+from .data.coco import IGNORE_INDEX, load_coco, write_png
 from .data.datasets import TestImageDataset
-from .data.pseudo_labels import FORMAT, MANIFEST, file_digest
+from .data.pseudo_labels import FORMAT, MANIFEST, POOLED
 from .io import OutputExistsError, atomic_dir, atomic_write_csv, atomic_write_text
-from .predictor import Ensemble, InferenceOptions, image_loader, iterate_predictions, load_specs
+from .predictor import Ensemble, InferenceOptions, image_loader, iterate_group_predictions, load_runs
+from .provenance import KEY, ProvenanceError, record
 
 
 def pseudo_mask(probs: torch.Tensor, threshold: float) -> np.ndarray:
@@ -56,9 +60,18 @@ def make_pseudo(
     device: Any = "cpu",
     overwrite: bool = False,
     progress: bool = True,
+    pooled: bool = False,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
     """Write the pseudo-label set of every image of ``test_json`` into the folder ``out``; returns a summary
-    (``coverage``: the per-image table)."""
+    (``coverage``: the per-image (and fold) table).
+
+    Fold-matched by default: the masks for fold k come from the ensemble of the runs' fold-k models, so fold
+    k's student never learns from a teacher that trained on fold k's validation images (the runs must share
+    one folds file). ``pooled``: one mask per image from every fold model (for a model trained on all
+    images; ``data.extra_pooled`` must accept it). Runs whose folds did not all finish are refused unless
+    ``allow_partial``.
+    """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"--threshold must be in (0, 1) (a probability), got {threshold}")
     out = Path(out)
@@ -67,23 +80,31 @@ def make_pseudo(
     coco = load_coco(test_json, data_root)
     if not coco.images:
         raise ValueError(f"test set {test_json} has no images to pseudo-label")
-    specs, names = load_specs(runs, weights, device)
-    opts = opts or InferenceOptions()
+    loaded = load_runs(runs, weights, device, allow_partial)
+    names, opts = loaded.names, opts or InferenceOptions()
+    folds_hash = None if pooled else _shared_folds(loaded.infos)
+    groups = {POOLED: loaded.specs} if pooled else {str(k): s for k, s in loaded.by_fold().items()}
+    ensembles = {key: Ensemble(specs, opts) for key, specs in groups.items()}
     dataset = TestImageDataset(data_root, coco)
     loader = image_loader(
         dataset, {(i.height, i.width) for i in coco.images.values()}, batch_size, workers, device
     )
+    origin = record("pseudo", loaded.infos, names, threshold=threshold, tta=opts.views, scales=opts.scales,
+                    partial=loaded.partial)  # fmt: skip
     rows, items = [], []
     with atomic_dir(out, overwrite) as tmp:
-        (tmp / "masks").mkdir()
+        for key in groups:
+            (tmp / _mask_dir(key)).mkdir(parents=True)
         bar = tqdm(total=len(dataset), desc="pseudo", unit="img", disable=not progress)
-        for n, (_, file_name, probs) in enumerate(iterate_predictions(Ensemble(specs, opts), loader, device)):
-            mask = pseudo_mask(probs, threshold)
-            mask_name = f"masks/{n:06d}.png"
-            write_png(tmp / mask_name, mask)
-            digest = file_digest(safe_join(data_root, file_name))
-            items.append({"file_name": file_name, "mask": mask_name, "sha256": digest})
-            rows.append(coverage_row(file_name, mask, names))
+        predictions = iterate_group_predictions(ensembles, loader, device)
+        for n, (_, file_name, per_key) in enumerate(predictions):
+            masks = {}
+            for key, probs in per_key.items():
+                mask = pseudo_mask(probs, threshold)
+                masks[key] = f"{_mask_dir(key)}/{n:06d}.png"
+                write_png(tmp / masks[key], mask)
+                rows.append({**coverage_row(file_name, mask, names), "fold": key})
+            items.append({"file_name": file_name, "masks": masks})
             bar.update()
         bar.close()
         coverage = pd.DataFrame(rows)
@@ -93,21 +114,50 @@ def make_pseudo(
             "class_names": names,
             "threshold": threshold,
             "image_root": str(Path(data_root).resolve()),
-            "runs": [str(Path(r).resolve()) for r in runs],
-            "tta": {"views": opts.views, "scales": opts.scales},
+            "fold_matched": not pooled,
+            "folds_hash": folds_hash,
+            "folds": None if pooled else [int(k) for k in groups],
+            KEY: origin,
             "images": items,
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    objects = float(coverage[names[1:]].to_numpy().sum()) if len(names) > 1 else 1.0
+    if objects == 0.0:
+        warnings.warn(
+            f"pseudo set {out} has no confident object pixel: at --threshold {threshold} the ensemble is "
+            "sure only of background, so training on it teaches background. Use a lower --threshold (e.g. "
+            "0.5) or stronger teachers",
+            stacklevel=2,
+        )
     return {"dir": out, "images": len(items), "classes": names, "coverage": coverage}
 
 
+def _mask_dir(key: str) -> str:
+    return "masks" if key == POOLED else f"masks/fold{key}"
+
+
+def _shared_folds(infos: Sequence[Any]) -> str:
+    """The folds hash every teacher run shares (fold-matched labels need one folds file)."""
+    hashes = {info.name: info.folds_hash for info in infos}
+    if None in hashes.values() or len(set(hashes.values())) > 1:
+        raise ProvenanceError(
+            f"fold-matched pseudo-labels need runs trained on one known folds file; folds hashes: {hashes}. "
+            "Pass --pooled for one set from every fold model (then train with data.extra_pooled=true)"
+        )
+    return next(iter(hashes.values()))
+
+
 def coverage_summary(coverage: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
-    """Per class: its share of all pixels and the number of images where it was pseudo-labelled."""
+    """Per class: its share of all pixels (over every fold's masks) and the number of images where some
+    fold's mask labels it."""
+
+    def images(selected: pd.Series) -> int:
+        return int(coverage.loc[selected, "file_name"].nunique())
+
     return pd.DataFrame(
         {
             "class_name": list(names) + ["(ignored)"],
             "pixel_share": [coverage[n].mean() for n in names] + [1.0 - coverage["confident"].mean()],
-            "images": [int((coverage[n] > 0).sum()) for n in names]
-            + [int((coverage["confident"] < 1).sum())],
+            "images": [images(coverage[n] > 0) for n in names] + [images(coverage["confident"] < 1)],
         }
     )

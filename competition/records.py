@@ -12,8 +12,11 @@ from .config import Config
 from .io import atomic_write
 
 
-def best_meta(cfg: Config, fold: int, names: list[str], row: dict[str, Any], ema: bool) -> dict[str, Any]:
-    """``best.json``: the fold, epoch and scores of the best weights, and what rebuilds their inputs."""
+def best_meta(
+    cfg: Config, fold: int, names: list[str], row: dict[str, Any], ema: bool, origin: dict[str, Any]
+) -> dict[str, Any]:
+    """``best.json``: the fold, epoch and scores of the best weights, what rebuilds their inputs, and
+    ``origin`` (``config_hash``, ``folds_hash`` and ``folds`` of the run: see ``competition.provenance``)."""
     iou = {n: (None if math.isnan(row[f"iou_{n}"]) else float(row[f"iou_{n}"])) for n in names}
     return {
         "fold": fold,
@@ -26,6 +29,7 @@ def best_meta(cfg: Config, fold: int, names: list[str], row: dict[str, Any], ema
         "ema": ema,
         "normalize": cfg.augment.normalize,
         "eval_size": cfg.augment.eval_size,
+        **origin,
     }
 
 

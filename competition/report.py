@@ -163,11 +163,11 @@ def confusion_figure(matrix: np.ndarray, names: list[str], title: str) -> str:
     return _png(fig)
 
 
-def worst_images(runs: Sequence[Path], count: int) -> str:
+def worst_images(runs: Sequence[Path], count: int, weights: Any, allow_partial: bool) -> str:
     files, root = data_files(read_run_config(fold_dirs(runs[0])[0]))
-    table = audit_table(runs, files)
+    table = audit_table(runs, files, weights, allow_partial)
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_gallery(runs, table, root, Path(tmp), count)
+        paths = write_gallery(runs, table, root, Path(tmp), count, weights, allow_partial)
         images = "".join(_img(p.read_bytes(), p.stem) for p in paths)
     shown = table.head(count)[["rank", "file_name", "fold", "score", "pixel_error", "top_confusion"]]
     return _table(shown) + images
@@ -197,12 +197,16 @@ def build_report(
     size: int | None = 256,
     worst: int = 8,
     overwrite: bool = False,
+    weights: np.ndarray | Sequence[float] | None = None,
+    allow_partial: bool = False,
 ) -> Path:
-    """Write the report of ``runs`` (trained on the same folds) to ``out`` and return its path."""
+    """Write the report of ``runs`` (trained on the same folds) to ``out`` and return its path. ``weights``
+    (per run, or per run and class): the vote shown, as the submission was made."""
     out = check_writable(out, overwrite)
     runs = [Path(r) for r in runs]
     title = "Run report: " + ", ".join(r.name for r in runs)
-    scores = score_oof(runs)  # one pass over the OOF files: the OOF table and the confusion matrices
+    # one pass over the OOF files: the OOF table and the confusion matrices
+    scores = score_oof(runs, weights, allow_partial)
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="note">written {datetime.datetime.now():%Y-%m-%d %H:%M} from '
@@ -229,7 +233,7 @@ def build_report(
         f"<h2>Worst {worst} OOF images</h2>",
         '<p class="note">Ranked by the mean cross-entropy of the label under the OOF prediction '
         "(<code>competition audit</code> lists every image).</p>",
-        worst_images(runs, worst),
+        worst_images(runs, worst, weights, allow_partial),
     ]
     if submission is not None:
         train_pixels = matrices[combined].sum(1)

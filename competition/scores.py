@@ -46,10 +46,12 @@ class OofScores:
 
 
 def score_oof(
-    runs: Sequence[str | os.PathLike], weights: np.ndarray | Sequence[float] | None = None
+    runs: Sequence[str | os.PathLike],
+    weights: np.ndarray | Sequence[float] | None = None,
+    allow_partial: bool = False,
 ) -> OofScores:
     """The ``OofScores`` of ``runs`` (per-run or per-run-and-class ``weights`` for the votes)."""
-    oof = OofRuns(runs)
+    oof = OofRuns(runs, allow_partial)
     w = class_weights(weights, len(oof.runs), oof.num_classes)
     per_class = weights is not None and np.ndim(weights) == 2
     soft = "soft vote " + ("per-class weights" if per_class else "+".join(f"{x:.2f}" for x in w[:, 0]))
@@ -65,11 +67,13 @@ def score_oof(
 
 
 def evaluate_oof(
-    runs: Sequence[str | os.PathLike], weights: np.ndarray | Sequence[float] | None = None
+    runs: Sequence[str | os.PathLike],
+    weights: np.ndarray | Sequence[float] | None = None,
+    allow_partial: bool = False,
 ) -> pd.DataFrame:
     """OOF mIoU of each run per fold and over all folds (its fold ensemble's CV score) and, with several runs,
     of the weighted soft vote and of the hard vote."""
-    return score_oof(runs, weights).frame()
+    return score_oof(runs, weights, allow_partial).frame()
 
 
 def _row(name: str, folds: str, matrix: np.ndarray) -> dict:
@@ -108,11 +112,14 @@ def image_scores(probs: np.ndarray, target: np.ndarray, names: Sequence[str], ig
 
 
 def audit_table(
-    runs: Sequence[str | os.PathLike], files: Mapping[str, str], weights: Sequence[float] | None = None
+    runs: Sequence[str | os.PathLike],
+    files: Mapping[str, str],
+    weights: np.ndarray | Sequence[float] | None = None,
+    allow_partial: bool = False,
 ) -> pd.DataFrame:
     """Every OOF image with its scores and file name (``files``: image id -> file name), worst first
     (``rank`` 1 = most suspicious)."""
-    oof = OofRuns(runs)
+    oof = OofRuns(runs, allow_partial)
     rows = []
     for key, fold, probs, target in oof:
         p = soft_scores(probs, weights)
@@ -129,11 +136,12 @@ def write_gallery(
     root: Path,
     out_dir: Path,
     count: int,
-    weights: Sequence[float] | None = None,
+    weights: np.ndarray | Sequence[float] | None = None,
+    allow_partial: bool = False,
 ) -> list[Path]:
     """Image | label | OOF prediction panels of the first ``count`` rows of ``table`` (images under
     ``root``; a missing image leaves its panel out)."""
-    oof = OofRuns(runs)
+    oof = OofRuns(runs, allow_partial)
     wanted = dict(zip(table["image_id"].head(count), table.head(count).itertuples()))
     written = []
     for key, _, probs, target in oof:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .io import atomic_write
 
 FORMATS = ("boostcamp", "rle")
+Size = int | tuple[int, int] | None  # a square side, (height, width), or None: as it is (native)
 COLUMNS = {"boostcamp": ["image_id", "PredictionString"], "rle": ["image_id", "class_id", "EncodedPixels"]}
 
 
@@ -37,25 +38,35 @@ class SubmissionError(ValueError):
     """A submission file breaks the format; the message lists the first problems."""
 
 
-def resize_probs(probs: torch.Tensor | np.ndarray, size: int | None) -> torch.Tensor:
-    """``[C, H, W]`` probabilities as float32, resized (bilinear) to ``size x size``; ``None`` keeps them."""
+def shape_of(size: Size) -> tuple[int, int] | None:
+    """``(height, width)`` of a ``Size`` (``None`` stays ``None``)."""
+    if size is None:
+        return None
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_probs(probs: torch.Tensor | np.ndarray, size: Size) -> torch.Tensor:
+    """``[C, H, W]`` probabilities as float32, resized (bilinear) to ``size``; ``None`` keeps them."""
     p = torch.as_tensor(probs, dtype=torch.float32)
-    if size is None or tuple(p.shape[-2:]) == (size, size):
+    shape = shape_of(size)
+    if shape is None or tuple(p.shape[-2:]) == shape:
         return p
-    return F.interpolate(p[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    return F.interpolate(p[None], size=shape, mode="bilinear", align_corners=False)[0]
 
 
-def mask_from_probs(probs: torch.Tensor | np.ndarray, size: int | None) -> np.ndarray:
-    """Class-index mask (uint8 ``[size, size]``; ``None``: native) of ``[C, H, W]`` probabilities: resize
-    the probabilities (bilinear), round them to float16, then take the argmax. Never resize labels."""
+def mask_from_probs(probs: torch.Tensor | np.ndarray, size: Size) -> np.ndarray:
+    """Class-index mask (uint8 at ``size``; ``None``: as the probabilities are) of ``[C, H, W]``
+    probabilities: resize the probabilities (bilinear), round them to float16, then take the argmax. Never
+    resize labels."""
     return resize_probs(probs, size).half().argmax(0).to(torch.uint8).numpy()
 
 
-def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:
-    """Nearest-neighbour resize of a class-index mask to ``size x size`` (``None``: unchanged)."""
-    if size is None or mask.shape == (size, size):
+def resize_mask(mask: np.ndarray, size: Size) -> np.ndarray:
+    """Nearest-neighbour resize of a class-index mask to ``size`` (``None``: unchanged)."""
+    shape = shape_of(size)
+    if shape is None or mask.shape == shape:
         return mask
-    return cv2.resize(mask.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(mask.astype(np.uint8), shape[::-1], interpolation=cv2.INTER_NEAREST)
 
 
 def rle_encode(binary: np.ndarray) -> str:
@@ -87,9 +98,7 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     return flat.reshape(shape)
 
 
-def submission_rows(
-    file_name: str, mask: np.ndarray, fmt: str = "boostcamp", size: int | None = 256
-) -> list[list]:
+def submission_rows(file_name: str, mask: np.ndarray, fmt: str = "boostcamp", size: Size = 256) -> list[list]:
     """The CSV rows of one image's class-index mask."""
     mask = resize_mask(mask, size)
     if fmt == "boostcamp":
@@ -105,13 +114,15 @@ def write_submission(
     fmt: str = "boostcamp",
     size: int | None = 256,
     overwrite: bool = False,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
 ) -> Path:
-    """Write rows atomically after validating them; an invalid result raises and leaves nothing behind."""
+    """Write rows atomically after validating them; an invalid result raises and leaves nothing behind.
+    ``size=None`` (native): ``shapes`` gives each image's ``(height, width)``."""
     frame = pd.DataFrame(list(rows), columns=COLUMNS[fmt])
 
     def write(tmp: Path) -> None:
         frame.to_csv(tmp, index=False)
-        problems = validate_submission(tmp, expected_ids, classes, fmt, size)
+        problems = validate_submission(tmp, expected_ids, classes, fmt, size, shapes=shapes)
         if problems:
             raise SubmissionError(f"refusing to write {path}: " + "; ".join(problems[:5]))
 
@@ -125,11 +136,23 @@ def validate_submission(
     fmt: str = "boostcamp",
     size: int | None = 256,
     max_problems: int = 20,
+    shapes: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[str]:
-    """Every problem found (empty list = valid): columns, row count and order, ids, values, blanks."""
+    """Every problem found (empty list = valid): columns, row count and order, ids, values, blanks.
+
+    ``size``: the side of every mask; ``None``: native size, each image's ``(height, width)`` from ``shapes``
+    (file name -> shape, from the test json)."""
     path = Path(path)
     if fmt not in FORMATS:
         raise ValueError(f"unknown submission format {fmt!r}; choose from {FORMATS}")
+    if size is None and shapes is None:
+        raise ValueError(
+            "a native-size submission (size 0) is checked against each image's size: pass shapes"
+        )
+
+    def shape(image_id: str) -> tuple[int, int] | None:
+        return shape_of(size) if size is not None else (shapes or {}).get(image_id)
+
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -145,9 +168,9 @@ def validate_submission(
             if got != want:
                 problems.append(f"line {row}: image_id {got!r}, expected {want!r} (test.json order)")
                 break
-        n = size * size if size else None
         for row, (image_id, text) in enumerate(zip(ids, frame["PredictionString"]), start=2):
-            problems += _check_prediction_string(row, image_id, text, n, classes)
+            hw = shape(image_id)
+            problems += _check_prediction_string(row, image_id, text, hw and hw[0] * hw[1], classes)
             if len(problems) >= max_problems:
                 break
     else:
@@ -160,7 +183,9 @@ def validate_submission(
             if not cls.isdigit() or not 0 < int(cls) < classes:
                 problems.append(f"line {row} ({image_id}): class_id {cls!r} not in [1, {classes})")
             try:
-                rle_decode(text, (size, size))
+                hw = shape(image_id)
+                if hw is not None:  # an unknown id is reported above
+                    rle_decode(text, hw)
             except ValueError as exc:
                 problems.append(f"line {row} ({image_id}): {exc}")
             if len(problems) >= max_problems:

@@ -53,6 +53,7 @@ from .io import OutputExistsError, atomic_write_csv, atomic_write_text
 from .metrics import ConfusionMatrix
 from .oof import OOF_FILE, OofWriter
 from .optim import build_optimizer, build_scheduler
+from .provenance import config_hash, folds_record
 from .records import best_meta, epoch_line, write_curves
 from .runtime import autocast, batch_to_device, build_model, collate, init_distributed, unwrap
 from .tracking import Trackers
@@ -100,6 +101,7 @@ class FoldRun:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = not cfg.train.deterministic
 
+        self.origin = {"config_hash": config_hash(cfg), **folds_record(cfg.data.folds)}
         self.train_set, self.val_set, self.names = build_datasets(cfg, fold, self.ddp)
         self.model = build_model(cfg, len(self.names)).to(self.device)
         if cfg.train.channels_last:
@@ -251,7 +253,7 @@ class FoldRun:
     def save(self, epoch: int, row: dict[str, Any], improved: bool) -> None:
         """Rank 0: best weights (when improved), metrics, curves and the resume checkpoint."""
         if improved:
-            meta = best_meta(self.cfg, self.fold, self.names, row, self.ema is not None)
+            meta = best_meta(self.cfg, self.fold, self.names, row, self.ema is not None, self.origin)
             ckpt.write_best(self.run_dir, unwrap(self.eval_model()), meta)
         frame = pd.DataFrame(self.rows)
         atomic_write_csv(self.run_dir / "metrics.csv", frame)
@@ -327,7 +329,7 @@ class FoldRun:
         )
         path = self.run_dir / OOF_FILE
         args = (cfg.train.oof, cfg.train.oof_size, self.names, self.fold, cfg.loss.ignore_index)
-        with OofWriter(path, *args) as writer:
+        with OofWriter(path, *args, {"run": cfg.name, **self.origin}) as writer:
             classes = len(self.names)
             _, matrix = evaluate(
                 model, loader, self.criterion, classes, self.device, cfg, writer.add, all_reduce=False

@@ -9,6 +9,7 @@ each fold with the latter gives the nested score, the one to expect on new data.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,8 +50,8 @@ class FoldTable:
         return candidates[int(np.nanargmax(scores))]
 
 
-def nested_folds(table: FoldTable) -> list[int]:
-    """The folds of ``table``; a nested score needs at least two."""
+def nested_folds(table: Any) -> list[int]:
+    """The folds of ``table`` (a ``FoldTable`` or ``OofRuns``); a nested score needs at least two."""
     folds = sorted(table.folds)
     if len(folds) < 2:
         raise ValueError("a nested score needs OOF predictions of at least two folds")

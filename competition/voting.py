@@ -17,7 +17,12 @@ def soft_scores(
     """``sum_r w[r, c] p_r[c]`` of members' probabilities ``[C, ...]``; ``weights`` per member or per member
     and class (see ``class_weights``). With per-member weights this is their weighted mean."""
     stack = np.stack([p.astype(np.float32) for p in probs])  # [R, C, ...]
-    return np.einsum("rc,rc...->c...", class_weights(weights, len(probs), stack.shape[1]), stack)
+    return _weighted_sum(stack, class_weights(weights, len(probs), stack.shape[1]))
+
+
+def _weighted_sum(stack: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``sum_r w[r, c] stack[r, c]`` of a ``[R, C, ...]`` stack and ``[R, C]`` weights."""
+    return np.einsum("rc,rc...->c...", w, stack)
 
 
 def class_weights(weights: np.ndarray | Sequence[float] | None, members: int, classes: int) -> np.ndarray:
@@ -36,7 +41,7 @@ def combine(probs: Sequence[np.ndarray], weights: np.ndarray | None = None, vote
 
     ``soft``: argmax over classes of ``sum_r w[r, c] p_r[c]`` (``weights`` per member or per member and class,
     see ``class_weights``). ``hard``: each member's argmax is a vote of its weight; a tie between classes goes
-    to the one of larger summed probability.
+    to the one of larger weighted probability sum (so a member of weight 0 has no say at all).
     """
     if vote == "soft":
         return soft_scores(probs, weights).argmax(0)
@@ -50,7 +55,7 @@ def combine(probs: Sequence[np.ndarray], weights: np.ndarray | None = None, vote
         for c in range(stack.shape[1]):
             votes[c] += w[r, c] * (label == c)
     top = votes.max(0, keepdims=True)
-    return np.where(np.isclose(votes, top), stack.sum(0), -1.0).argmax(0)
+    return np.where(np.isclose(votes, top), _weighted_sum(stack, w), -1.0).argmax(0)
 
 
 def vote_mask(

@@ -70,12 +70,18 @@ def trained_run(synthetic_data, tmp_path_factory):
 
 
 def fake_oof_run(root, name, folds, classes, ignore_index=255):
-    """A run directory whose folds hold only ``best.json`` and ``oof.npz`` built from given maps."""
+    """A finished run directory whose folds hold ``config.yaml`` (1 epoch), ``metrics.csv``, ``best.json`` and
+    ``oof.npz`` built from given maps (no weights)."""
+    from competition.config import config_from_dict
     from competition.oof import OofWriter
 
+    data = {"root": str(root), "annotations": str(root / "train.json"), "folds": str(root / "folds.csv")}
+    cfg = config_from_dict({"name": name, "data": data, "train": {"epochs": 1}})
     for fold, items in folds.items():
         d = root / name / f"fold{fold}"
         d.mkdir(parents=True)
+        (d / "config.yaml").write_text(cfg.to_yaml())
+        (d / "metrics.csv").write_text("epoch,miou\n1,0.5\n")
         (d / "best.json").write_text(json.dumps({"fold": fold, "classes": classes}))
         with OofWriter(d / "oof.npz", "probs", None, classes, fold, ignore_index) as writer:
             for image_id, (probs, target) in items.items():

@@ -70,9 +70,10 @@ def test_probability_files_of_other_classes_or_without_names_are_refused(tmp_pat
         read_prob_files([tmp_path / "a.npz", tmp_path / "b.npz"], ["1"])
     with pytest.raises(ckpt.CheckpointError, match="carries no class_names"):
         read_prob_files([tmp_path / "a.npz", tmp_path / "old.npz"], ["1"])
-    names, members = read_prob_files([tmp_path / "a.npz", tmp_path / "a.npz"], ["1"])
-    key, maps = next(members)
-    assert names == ["bg", "x", "y"] and key == "1" and len(maps) == 2 and np.allclose(maps[1], probs)
+    files = read_prob_files([tmp_path / "a.npz", tmp_path / "a.npz"], ["1"])
+    key, maps = next(files.iterate(["1"]))
+    assert files.class_names == ["bg", "x", "y"] and key == "1" and len(maps) == 2
+    assert np.allclose(maps[1], probs) and files.blocks == [None, None]  # written before provenance
 
 
 # --------------------------------------------------------------------- 3. folds belong to their data

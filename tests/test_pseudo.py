@@ -53,9 +53,12 @@ def test_pseudo_set_joins_every_training_split_and_no_validation_split(
     assert manifest["class_names"] == list(
         ClassMap.build(load_coco(synthetic_data["train"]).categories).names
     )
+    assert manifest["fold_matched"] and manifest["folds"] == [0, 1]  # one mask per image and fold
     coverage = pd.read_csv(out / "coverage.csv")
-    for item, (_, row) in zip(manifest["images"], coverage.iterrows()):
-        mask = cv2.imread(str(out / item["mask"]), cv2.IMREAD_UNCHANGED)
+    assert len(coverage) == 2 * len(test_names)
+    items = {i["file_name"]: i for i in manifest["images"]}
+    for _, row in coverage.iterrows():
+        mask = cv2.imread(str(out / items[row["file_name"]]["masks"][str(row["fold"])]), cv2.IMREAD_UNCHANGED)
         assert mask.shape == (64, 64)
         assert row["confident"] == pytest.approx((mask != 255).mean())
         assert row["General trash"] == pytest.approx((mask == 1).mean())
@@ -129,18 +132,29 @@ def test_pseudo_sets_with_other_classes_or_labelled_images_are_refused(trained_r
     cfg, _ = trained_run
     run, root = cfg.output_dir / cfg.name, synthetic_data["root"]
     raw = tiny_config_dict(synthetic_data, tmp_path / "runs")
-    # a "test" set that holds a training image under another name: same content
+    # "test" sets that hold a training image under another name: a byte copy, a PNG copy of the JPEG and a
+    # JPEG re-encoded at quality 80 all show the same picture
     train_json = json.loads(synthetic_data["train"].read_text())
     first = train_json["images"][0]
-    shutil.copy(root / first["file_name"], root / "copy_of_first.jpg")
-    leak = tmp_path / "leak.json"
-    copied = {**first, "id": 0, "file_name": "copy_of_first.jpg"}
-    leak.write_text(json.dumps({**train_json, "annotations": [], "images": [copied]}))
-    make_pseudo([run], root, leak, tmp_path / "leak", workers=0, progress=False)
-    with pytest.raises(
-        ConfigError, match=rf"same content as labelled images.*copy_of_first.jpg = .*{first['file_name']}"
-    ):
-        build_datasets(config_from_dict(raw, [f"data.extra=[{tmp_path / 'leak'}]"]), 0)
+    picture = cv2.imread(str(root / first["file_name"]))
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    shutil.copy(root / first["file_name"], copies / "copy_of_first.jpg")
+    cv2.imwrite(str(copies / "copy_of_first.png"), picture)
+    cv2.imwrite(str(copies / "copy_of_first_q80.jpg"), picture, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    assert (copies / "copy_of_first.png").read_bytes() != (root / first["file_name"]).read_bytes()
+    for name in ("copy_of_first.jpg", "copy_of_first.png", "copy_of_first_q80.jpg"):
+        leak = tmp_path / f"{name}.json"
+        copied = {**first, "id": 0, "file_name": name}
+        leak.write_text(json.dumps({**train_json, "annotations": [], "images": [copied]}))
+        make_pseudo([run], copies, leak, tmp_path / f"leak_{name}", workers=0, progress=False)
+        with pytest.raises(
+            ConfigError, match=rf"same picture as labelled images.*{name} = .*{first['file_name']}"
+        ):
+            build_datasets(config_from_dict(raw, [f"data.extra=[{tmp_path / f'leak_{name}'}]"]), 0)
+    # the real test images are other pictures: accepted (no false alarm)
+    honest = make_pseudo([run], root, synthetic_data["test"], tmp_path / "honest", workers=0, progress=False)
+    build_datasets(config_from_dict(raw, [f"data.extra=[{honest['dir']}]"]), 0)
 
     good = make_pseudo([run], root, synthetic_data["test"], tmp_path / "good", workers=0, progress=False)
     manifest = json.loads((good["dir"] / "pseudo.json").read_text())

@@ -144,7 +144,7 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
         def make(ids: list[Any], tf: Any) -> Dataset:
             return MaskFolderDataset(cfg.data.image_dir, cfg.data.mask_dir, tf, cfg.data.value_map, ids)
 
-        train = _with_extra(cfg, make(train_ids, train_tf), names, labelled, train_tf)
+        train = _with_extra(cfg, fold, make(train_ids, train_tf), names, labelled, train_tf)
         return train, make(val_ids, eval_tf), names
 
     from .coco import ClassMap, MaskCache, load_coco, read_merge_map
@@ -173,22 +173,28 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
         )  # fmt: skip
     train = CocoSegmentationDataset(cache, cfg.data.root, train_ints, train_tf, paste)
     return (
-        _with_extra(cfg, train, names, labelled, train_tf),
+        _with_extra(cfg, fold, train, names, labelled, train_tf),
         CocoSegmentationDataset(cache, cfg.data.root, [int(i) for i in val_ids], eval_tf),
         names,
     )
 
 
-def _with_extra(cfg: Config, train: Dataset, names: list[str], labelled: list[str], tf: Any) -> Dataset:
-    """``data.extra``: pseudo-labelled sets appended to the training split, checked against the file names
-    ``labelled`` (every image of the folds file, validation and excluded ones included)."""
+def _with_extra(
+    cfg: Config, fold: int, train: Dataset, names: list[str], labelled: list[str], tf: Any
+) -> Dataset:
+    """``data.extra``: pseudo-labelled sets appended to fold ``fold``'s training split, checked against the
+    run's folds file and the file names ``labelled`` (every image of the folds file, validation and excluded
+    ones included)."""
     if not cfg.data.extra:
         return train
+    from ..io import file_hash
     from .coco import safe_join
     from .pseudo_labels import with_extra
 
     base = Path(cfg.data.image_dir if cfg.data.format == "folder" else cfg.data.root)
-    return with_extra(train, cfg.data.extra, names, [safe_join(base, n) for n in labelled], tf)
+    files = [safe_join(base, n) for n in labelled]
+    folds_hash = file_hash(cfg.data.folds)
+    return with_extra(train, cfg.data.extra, names, files, tf, fold, folds_hash, cfg.data.extra_pooled)
 
 
 def _without_excluded(

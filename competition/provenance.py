@@ -1,0 +1,231 @@
+"""What made an artifact, and the checks every consumer runs before it joins artifacts.
+
+Every file the pipeline derives from trained runs carries a ``provenance`` block (a JSON object: in a json
+file as the key ``provenance``, in an ``.npz`` as the array ``provenance`` holding the JSON text):
+
+- ``kind``: ``oof``, ``probs``, ``pseudo``, ``weights``, ``postprocess`` or ``submission``;
+- ``runs``: per run its ``name``, ``dir``, ``config_hash`` (the run's resolved config without the keys a
+  resume may change), ``folds_hash`` (SHA-256 of the folds file it trained on), ``folds`` (the fold numbers
+  of that file) and per fold the epochs finished of those planned;
+- ``class_names``, the inference settings where there are any (``size``, ``tta``, ``scales``, ...), and
+  ``partial``: the problems a user accepted with ``--allow-partial`` (empty when every fold finished).
+
+``read_run`` reads a run directory into a ``RunInfo``; ``check_complete`` refuses runs whose folds did not
+all finish, or that lack folds their folds file lists, naming them (``allow_partial`` turns the refusal into
+a warning that the output records).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .checkpoint import BEST_META, CONFIG_FILE, CheckpointError, read_best_meta, read_run_config
+from .config import Config
+from .io import atomic_write_text, file_hash
+
+KEY = "provenance"
+# keys a resume may change (they do not change what the run learns): left out of the config hash
+VOLATILE_TRAIN_KEYS = ("workers", "progress", "loggers", "device", "val_batch_size")
+
+
+class ProvenanceError(CheckpointError):
+    """Artifacts that do not belong together, or runs that did not finish."""
+
+
+def config_hash(cfg: Config) -> str:
+    """SHA-256 (first 16 hex digits) of what a run learns from: its config without ``output_dir`` and the
+    training keys a resume may change."""
+    raw = cfg.model_dump(mode="json")
+    raw.pop("output_dir", None)
+    for key in VOLATILE_TRAIN_KEYS:
+        raw["train"].pop(key, None)
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def folds_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``folds_hash`` and ``folds`` (fold numbers) of a folds file, for ``best.json``."""
+    table = pd.read_csv(path, usecols=["fold"])
+    return {"folds_hash": file_hash(path), "folds": sorted(int(f) for f in table["fold"].unique())}
+
+
+@dataclass
+class FoldInfo:
+    fold: int
+    dir: Path
+    epochs_done: int
+    epochs: int
+    has_best: bool
+
+    @property
+    def finished(self) -> bool:
+        return self.has_best and self.epochs_done >= self.epochs
+
+
+@dataclass
+class RunInfo:
+    """A run directory as its files describe it (``read_run``)."""
+
+    dir: Path
+    name: str
+    config_hash: str
+    folds_hash: str | None
+    expected: list[int] | None  # the folds of its folds file (None: not known)
+    folds: dict[int, FoldInfo] = field(default_factory=dict)
+    class_names: list[str] | None = None  # from best.json (None: no fold has a best checkpoint yet)
+
+    def problems(self) -> list[str]:
+        """Why this run is incomplete (empty when every fold of its folds file finished)."""
+        out = [
+            f"{self.dir}: fold {f.fold} finished {f.epochs_done} of {f.epochs} epochs"
+            + ("" if f.has_best else " (no best checkpoint)")
+            for f in self.folds.values()
+            if not f.finished
+        ]
+        missing = sorted(set(self.expected or []) - set(self.folds))
+        if missing:
+            out.append(
+                f"{self.dir}: fold(s) {missing} of its folds file {sorted(self.expected or [])} missing"
+            )
+        return out
+
+    def fold_dirs(self) -> list[Path]:
+        """Fold directories with a best checkpoint, in fold order."""
+        return [f.dir for _, f in sorted(self.folds.items()) if f.has_best]
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dir": str(self.dir.resolve()),
+            "config_hash": self.config_hash,
+            "folds_hash": self.folds_hash,
+            "folds": self.expected,
+            "epochs": {str(k): [f.epochs_done, f.epochs] for k, f in sorted(self.folds.items())},
+        }
+
+
+def _epochs_done(fold_dir: Path) -> int:
+    path = fold_dir / "metrics.csv"
+    if not path.is_file():
+        return 0
+    epochs = pd.read_csv(path, usecols=["epoch"])["epoch"]
+    return int(epochs.max()) if len(epochs) else 0
+
+
+def _fold_number(fold_dir: Path) -> int:
+    if (fold_dir / BEST_META).is_file():
+        return int(read_best_meta(fold_dir)["fold"])
+    digits = fold_dir.name.removeprefix("fold")
+    if not digits.isdigit():
+        raise ProvenanceError(f"{fold_dir} is not a fold directory (fold<k>)")
+    return int(digits)
+
+
+def read_run(path: str | os.PathLike) -> RunInfo:
+    """A run directory (``fold*/`` inside) or one fold directory, with every fold's progress."""
+    path = Path(path)
+    single = (path / CONFIG_FILE).is_file()
+    dirs = [path] if single else sorted(p for p in path.glob("fold*") if (p / CONFIG_FILE).is_file())
+    if not dirs:
+        raise CheckpointError(f"no trained fold (fold*/{CONFIG_FILE}) in {path}")
+    run = None
+    for d in dirs:
+        cfg = read_run_config(d)
+        meta = read_best_meta(d) if (d / BEST_META).is_file() else {}
+        if run is None:
+            folds_hash, expected = meta.get("folds_hash"), meta.get("folds")
+            if (
+                expected is None and not single and Path(cfg.data.folds).is_file()
+            ):  # written before provenance
+                known = folds_record(cfg.data.folds)
+                folds_hash, expected = known["folds_hash"], known["folds"]
+            run = RunInfo(path, cfg.name, config_hash(cfg), folds_hash, None if single else expected)
+        fold = _fold_number(d)
+        run.folds[fold] = FoldInfo(fold, d, _epochs_done(d), cfg.train.epochs, bool(meta))
+        run.class_names = run.class_names or meta.get("classes")
+    assert run is not None
+    return run
+
+
+def check_complete(runs: Sequence[RunInfo], allow_partial: bool = False) -> list[str]:
+    """Refuse runs that did not finish (a ``ProvenanceError`` naming every unfinished or missing fold);
+    with ``allow_partial`` warn instead and return the problems, for the output to record."""
+    problems = [p for run in runs for p in run.problems()]
+    for run in runs:
+        if not run.fold_dirs():
+            raise CheckpointError(f"no trained fold (fold*/{BEST_META}) in {run.dir}")
+    if problems and not allow_partial:
+        raise ProvenanceError(
+            "incomplete runs: " + "; ".join(problems) + ". Finish them (competition train --resume) or pass "
+            "--allow-partial to use what there is (the output records it)"
+        )
+    for p in problems:
+        warnings.warn(f"--allow-partial: {p}", stacklevel=2)
+    return problems
+
+
+def complete_runs(
+    runs: Iterable[str | os.PathLike], allow_partial: bool = False
+) -> tuple[list[RunInfo], list]:
+    """``read_run`` of every path, then ``check_complete``: the runs and the accepted problems."""
+    infos = [read_run(r) for r in runs]
+    return infos, check_complete(infos, allow_partial)
+
+
+def record(kind: str, runs: Sequence[RunInfo], class_names: Sequence[str], **settings: Any) -> dict[str, Any]:
+    """The ``provenance`` block of an artifact made from ``runs``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        made_by = version("smp-unet3p")
+    except PackageNotFoundError:  # running from a source tree
+        made_by = "source"
+    return {
+        "kind": kind,
+        "made": datetime.datetime.now().isoformat(timespec="seconds"),
+        "smp_unet3p": made_by,
+        "runs": [r.record() for r in runs],
+        "class_names": list(class_names),
+        **settings,
+    }
+
+
+def to_npz(block: Mapping[str, Any]) -> np.ndarray:
+    return np.array(json.dumps(block))
+
+
+def from_npz(data: Any) -> dict[str, Any] | None:
+    """The provenance block of an opened ``.npz`` (``None`` for a file written before provenance)."""
+    return json.loads(str(data[KEY].reshape(-1)[0])) if KEY in data.files else None
+
+
+def run_names(block: Mapping[str, Any] | None) -> list[str]:
+    return [r["name"] for r in (block or {}).get("runs", [])]
+
+
+def describe(block: Mapping[str, Any] | None) -> str:
+    """One line saying what made an artifact (for error messages)."""
+    if not block:
+        return "unknown runs (written before provenance)"
+    return "runs " + ", ".join(f"{r['name']} (config {r['config_hash']})" for r in block.get("runs", []))
+
+
+def sidecar(path: str | os.PathLike) -> Path:
+    """Where the provenance of a file without room for it (a submission CSV) is written:
+    ``submission.csv`` -> ``submission.provenance.json``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.provenance.json")
+
+
+def write_sidecar(path: str | os.PathLike, block: Mapping[str, Any]) -> Path:
+    return atomic_write_text(sidecar(path), json.dumps(block, indent=1))
