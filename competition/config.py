@@ -54,7 +54,7 @@ class DataConfig(_Section):
     crowd: Literal["class", "ignore"] = "class"
     image_dir: Path | None = None
     mask_dir: Path | None = None
-    value_map: Literal["binary"] | dict[int, int] | None = "binary"
+    value_map: Literal["auto", "binary"] | dict[int, int] | None = "auto"
     folds: Path
     exclude: Path | None = None
     extra: list[Path] = Field(default_factory=list)
@@ -66,9 +66,32 @@ class DataConfig(_Section):
         missing = [f"data.{k}" for k in need if getattr(self, k) is None]
         if missing:
             raise ValueError(f"format {self.format!r} needs {', '.join(missing)}")
-        if self.format == "folder" and self.classes is None and self.value_map != "binary":
+        if self.format != "folder":
+            return self
+        if self.classes is None and self.value_map not in ("auto", "binary"):
             raise ValueError("format 'folder' with a value_map needs data.classes (names, background first)")
+        count = len(self.classes) if self.classes is not None else 2
+        if self.value_map == "binary" and count != 2:
+            raise ValueError(
+                f"value_map 'binary' makes 2 classes (mask > 127 -> 1), but data.classes lists {count}; "
+                "use value_map: null (mask values are class ids) or a mapping {value: class}"
+            )
+        if isinstance(self.value_map, dict):
+            ok = lambda v, c: (0 <= c < count or c == 255) and 0 <= v < 256  # noqa: E731
+            bad = {v: c for v, c in self.value_map.items() if not ok(v, c)}
+            if bad:
+                raise ValueError(
+                    f"value_map {bad} maps outside the {count} classes of data.classes (ids 0..{count - 1}, "
+                    "or 255 for ignored pixels) or from values outside 0..255"
+                )
         return self
+
+    def mask_values(self) -> Literal["binary"] | dict[int, int] | None:
+        """How mask values of folder data become class ids: ``"auto"`` is ``binary`` (mask > 127 -> 1) for
+        two classes and the values themselves (``None``) for more."""
+        if self.value_map != "auto":
+            return self.value_map
+        return "binary" if self.classes is None or len(self.classes) == 2 else None
 
 
 # constructor params that change what a model returns in eval mode (the pipeline's contract: logits)
@@ -89,6 +112,10 @@ def is_unet3plus(arch: Any) -> bool:
         return resolve_architecture(str(arch)) is Unet3Plus
     except ValueError:
         return False
+
+
+# model arguments the pipeline sets from ModelConfig's own fields, never through params
+SET_BY_PIPELINE = ("encoder_name", "encoder_weights", "in_channels", "classes")
 
 
 class ModelConfig(_Section):
@@ -120,6 +147,19 @@ class ModelConfig(_Section):
                     "into probabilities in one place (softmax, or sigmoid for one channel). Remove the key."
                 )
         return value
+
+    @model_validator(mode="after")
+    def _params_of_the_arch(self) -> ModelConfig:
+        from smp_unet3p.registry import check_model_kwargs
+
+        fixed = [k for k in self.params if k in SET_BY_PIPELINE]
+        if fixed:
+            raise ValueError(f"params.{fixed[0]}: set model.{fixed[0]} instead")
+        try:
+            check_model_kwargs(self.arch, self.encoder_name, self.params)
+        except TypeError as exc:
+            raise ValueError(f"params: {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _pin_defaults(self) -> ModelConfig:

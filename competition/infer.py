@@ -104,7 +104,8 @@ def predict(
     expected = [info.file_name for info in coco.images.values()]
     shapes = {info.file_name: (info.height, info.width) for info in coco.images.values()}
     path = write_submission(rows, out, expected, len(names), fmt, size, overwrite, shapes)
-    block = {"format": fmt, "size": size, **settings, "postprocess": str(postprocess) if postprocess else None}
+    block = {"format": fmt, "size": size, **settings}
+    block["postprocess"] = str(postprocess) if postprocess else None
     provenance.write_sidecar(path, provenance.record("submission", loaded.infos, names, **block))
     return {
         "submission": path,

@@ -36,6 +36,15 @@ def file_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:16]
 
 
+def remove(path: str | os.PathLike) -> None:
+    """Delete a file or a folder tree, if it exists."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 class OutputExistsError(FileExistsError):
     """An output file already exists and overwriting was not asked for."""
 

@@ -9,7 +9,11 @@ TensorBoard, MLflow and/or Weights & Biases, besides the ``metrics.csv`` every r
   you are logged in (``WANDB_API_KEY`` or ``wandb login``) or ``WANDB_MODE`` says otherwise; ``wandb sync``
   uploads an offline run later.
 
-Each tool's run id is kept in ``fold<k>/tracking.json``, so ``--resume`` continues the same tracked runs.
+Each tool's run id and the last epoch logged are kept in ``fold<k>/tracking.json``, so ``--resume``
+continues the same tracked runs and logs each epoch once (an epoch re-run after the last checkpoint is not
+logged again); a config value a resume may change (``train.workers`` ...) is recorded as a tag
+``changed_on_resume.<key>`` (MLflow) or a config update (W&B) instead of failing. ``--overwrite`` removes
+``tracking.json`` and the fold's TensorBoard and W&B folders, so a fresh run starts fresh tracked runs.
 Only rank 0 logs under DDP. Per-class IoU is logged as ``iou/<class>``; classes absent from the validation
 fold (NaN) are left out.
 """
@@ -31,6 +35,7 @@ from .config import Config
 from .io import atomic_write_text
 
 IDS_FILE = "tracking.json"
+TRACKING = (IDS_FILE, "tensorboard", "wandb")  # what a fold's trackers write (removed on --overwrite)
 
 
 def flat_params(raw: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -91,9 +96,14 @@ class MlflowLogger:
         if "mlflow" not in ids:
             ids["mlflow"] = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
         self.run_id = ids["mlflow"]
-        params = [Param(k, v[:6000]) for k, v in flat_params(cfg.model_dump(mode="json")).items()]
+        logged = self.client.get_run(self.run_id).data.params  # a resumed run's params are immutable
+        current = {k: v[:6000] for k, v in flat_params(cfg.model_dump(mode="json")).items()}
+        params = [Param(k, v) for k, v in current.items() if k not in logged]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=params[i : i + 100])
+        for k, v in current.items():
+            if k in logged and logged[k] != v:
+                self.client.set_tag(self.run_id, f"changed_on_resume.{k}", f"{logged[k]} -> {v}")
 
     def epoch(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -125,12 +135,16 @@ class WandbLogger:
     def __init__(self, cfg: Config, run_dir: Path, ids: dict[str, str]):
         import wandb
 
+        resumed = "wandb" in ids
         ids.setdefault("wandb", secrets.token_hex(6))
+        config = cfg.model_dump(mode="json")
         self.run = wandb.init(
             project=cfg.name, group=cfg.name, name=run_dir.name, id=ids["wandb"], resume="allow",
-            dir=str(run_dir), config=cfg.model_dump(mode="json"), mode=_wandb_mode(),
+            dir=str(run_dir), config=None if resumed else config, mode=_wandb_mode(),
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )  # fmt: skip
+        if resumed:  # values a resume may change replace the old ones instead of failing
+            self.run.config.update(config, allow_val_change=True)
 
     def epoch(self, step: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=step)
@@ -152,15 +166,21 @@ class Trackers:
         names = [n for n in cfg.train.loggers if n != "csv"] if enabled else []
         if not names:
             return
-        path = run_dir / IDS_FILE
-        ids = json.loads(path.read_text()) if path.is_file() else {}
-        self.loggers = [LOGGERS[n](cfg, run_dir, ids) for n in names]
-        atomic_write_text(path, json.dumps(ids))
+        self.path = run_dir / IDS_FILE
+        self.ids = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.loggers = [LOGGERS[n](cfg, run_dir, self.ids) for n in names]
+        atomic_write_text(self.path, json.dumps(self.ids))
 
     def epoch(self, row: Mapping[str, Any]) -> None:
+        """Log one epoch's row, unless a run before a resume logged that epoch already."""
+        step = int(row["epoch"])
+        if not self.loggers or step <= self.ids.get("logged_epoch", 0):
+            return
         metrics = epoch_metrics(row)
         for logger in self.loggers:
-            logger.epoch(int(row["epoch"]), metrics)
+            logger.epoch(step, metrics)
+        self.ids["logged_epoch"] = step
+        atomic_write_text(self.path, json.dumps(self.ids))
 
     def __enter__(self) -> Trackers:
         return self

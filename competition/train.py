@@ -49,14 +49,14 @@ from . import checkpoint as ckpt
 from .config import Config
 from .data.splits import build_datasets, parse_folds
 from .data.transforms import EpochSeeded
-from .io import OutputExistsError, atomic_write_csv, atomic_write_text
+from .io import OutputExistsError, atomic_write_csv, atomic_write_text, remove
 from .metrics import ConfusionMatrix
 from .oof import OOF_FILE, OofWriter
 from .optim import build_optimizer, build_scheduler
 from .provenance import config_hash, folds_record
 from .records import best_meta, epoch_line, write_curves
 from .runtime import autocast, batch_to_device, build_model, collate, init_distributed, unwrap
-from .tracking import Trackers
+from .tracking import TRACKING, Trackers
 from .validation import evaluate
 
 PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one reads the loss from the device)
@@ -126,9 +126,9 @@ class FoldRun:
                 f"{self.run_dir} already holds a run; pass --resume to continue it or --overwrite to start "
                 "over"
             )
-        if overwrite and not self.resuming:
-            for name in (ckpt.LAST, ckpt.BEST_WEIGHTS, ckpt.BEST_META, "metrics.csv", OOF_FILE):
-                (self.run_dir / name).unlink(missing_ok=True)
+        if overwrite and not self.resuming:  # a fresh run: nothing of the old one, its tracked runs included
+            for name in (ckpt.LAST, ckpt.BEST_WEIGHTS, ckpt.BEST_META, "metrics.csv", OOF_FILE, *TRACKING):
+                remove(self.run_dir / name)
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _build_loaders(self) -> None:

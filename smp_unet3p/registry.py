@@ -17,7 +17,13 @@ from ._names import did_you_mean
 from .decoders.unet3plus import Unet3Plus
 from .encoders import download_hint, is_local_weights, load_encoder_weights
 
-__all__ = ["register", "create_model", "available_architectures", "resolve_architecture"]
+__all__ = [
+    "register",
+    "create_model",
+    "available_architectures",
+    "resolve_architecture",
+    "check_model_kwargs",
+]
 
 OUR_ARCHITECTURES: dict[str, type[nn.Module]] = {"unet3plus": Unet3Plus}
 
@@ -49,6 +55,38 @@ def resolve_architecture(arch: str) -> type[nn.Module]:
     raise ValueError(f"Unknown architecture {arch!r}.{hint} Available: {', '.join(sorted(table))}")
 
 
+def check_model_kwargs(arch: str, encoder_name: str, kwargs: dict[str, Any]) -> None:
+    """Raise ``TypeError`` unless every keyword is a parameter of the architecture's constructor or, with a
+    timm (``tu-``) encoder, one the timm model accepts (smp passes the rest to it). smp's own encoders drop
+    unknown keywords silently, so a typo or a parameter of another architecture would build another model.
+    """
+    import inspect
+
+    cls = resolve_architecture(arch)
+    own = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs", "args")]
+    aliases = ("decoder_use_batchnorm",)  # smp's deprecated name, read from kwargs by smp and Unet3Plus
+    rest = {k: v for k, v in kwargs.items() if k not in own and k not in aliases}
+    if not rest:
+        return
+    if not encoder_name.startswith("tu-"):
+        hints = "".join(did_you_mean(k, own) for k in sorted(rest))
+        raise TypeError(
+            f"{sorted(rest)} not parameters of {cls.__name__}.{hints} (smp would drop them silently; only "
+            f"timm tu- encoders take extra keywords). {cls.__name__} takes: {', '.join(own)}"
+        )
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):  # builds no weights: only the keywords are checked
+            timm.create_model(encoder_name[3:], pretrained=False, features_only=True, **rest)
+    except TypeError as exc:
+        raise TypeError(
+            f"{sorted(rest)}: neither {cls.__name__} ({', '.join(own)}) nor timm's {encoder_name[3:]} takes "
+            f"them ({exc})"
+        ) from None
+
+
 def create_model(
     arch: str,
     encoder_name: str = "resnet34",
@@ -60,9 +98,11 @@ def create_model(
     """Build any smp architecture or ``unet3plus`` by name (case, ``-`` and ``_`` insensitive).
 
     ``encoder_weights`` may also be a local ``.safetensors``/``.pth`` file or directory, for every
-    architecture (loaded into ``model.encoder`` with strict key/shape checks).
+    architecture (loaded into ``model.encoder`` with strict key/shape checks). Keywords the architecture
+    (or a ``tu-`` encoder) does not take are an error (``check_model_kwargs``), never dropped.
     """
     cls = resolve_architecture(arch)
+    check_model_kwargs(arch, encoder_name, kwargs)
     local = is_local_weights(encoder_weights)
     with download_hint(encoder_name, None if local else encoder_weights):
         model = cls(

@@ -28,7 +28,7 @@ def test_classes_mismatch_between_config_and_data_is_named(synthetic_data, tmp_p
 def test_checkpoint_from_another_architecture_or_encoder_is_named(trained_run):
     cfg, results = trained_run
     weights = results[0].run_dir / "best.safetensors"
-    for change in ({"arch": "unet"}, {"encoder_name": "resnet34"}):
+    for change in ({"arch": "unet", "params": {}}, {"encoder_name": "resnet34"}):
         other = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update=change)}), 11, False)
         with pytest.raises(ckpt.CheckpointError, match="does not match the model"):
             ckpt.load_weights(other, weights)

@@ -2,7 +2,9 @@
 annotations of other training images, pasted onto a training image before the albumentations pipeline.
 
 Sources are annotations of the given image ids only (a fold's training split, so nothing of the validation
-split leaks in); crowd and empty annotations are skipped. With ``balanced`` the class is drawn first (every
+split leaks in); crowd and empty annotations are skipped. With ``mask_path`` (the mask cache) only an
+instance's visible pixels are pasted: where a smaller object covers part of it in its source image, that part
+is not pasted with its class. With ``balanced`` the class is drawn first (every
 class with instances equally likely), then an instance of it, so rare classes are pasted as often as
 common ones. Each pasted object is resized by a factor drawn from ``scale`` and placed at a random spot
 inside the image; its pixels replace the image's (and the mask gets its class), so image and mask stay
@@ -16,13 +18,13 @@ instance targets (boxes + per-instance masks).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from .coco import CocoIndex, annotation_rle, instance_region, safe_join
+from .coco import CocoIndex, annotation_rle, instance_region, load_mask, safe_join
 from .images import read_image
 
 
@@ -39,12 +41,13 @@ class CopyPaste:
         max_objects: int = 3,
         scale: tuple[float, float] = (0.5, 1.5),
         balanced: bool = True,
+        mask_path: Callable[[int], Path] | None = None,
     ):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"copy-paste probability must be in [0, 1], got {p}")
         if not 0 < scale[0] <= scale[1]:
             raise ValueError(f"copy-paste scale must be (low, high) with 0 < low <= high, got {scale}")
-        self.coco, self.root = coco, Path(data_root)
+        self.coco, self.root, self.mask_path = coco, Path(data_root), mask_path
         self.p, self.max_objects, self.scale, self.balanced = p, max_objects, scale, balanced
         # (image id, annotation position, class) of every usable source instance
         self.instances = [
@@ -62,7 +65,8 @@ class CopyPaste:
         return len(self.instances)
 
     def patch(self, n: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Source instance ``n`` cropped to its box: image ``[h, w, 3]``, region ``[h, w]`` bool, class."""
+        """Source instance ``n`` cropped to its box: image ``[h, w, 3]``, region ``[h, w]`` bool (its visible
+        pixels: where the source's class mask shows its class, not where another object covers it), class."""
         if n not in self._cache:
             if len(self._cache) >= 256:
                 self._cache.pop(next(iter(self._cache)))
@@ -74,9 +78,10 @@ class CopyPaste:
         info = self.coco.images[image_id]
         ann = self.coco.annotations[image_id][k]
         x, y, region = instance_region(annotation_rle(ann["segmentation"], info.height, info.width))
-        image = read_image(safe_join(self.root, info.file_name))[
-            y : y + region.shape[0], x : x + region.shape[1]
-        ]
+        box = (slice(y, y + region.shape[0]), slice(x, x + region.shape[1]))
+        image = read_image(safe_join(self.root, info.file_name))[box]
+        if self.mask_path is not None:  # only what the source shows of the instance
+            region = region & (load_mask(self.mask_path(image_id))[box] == cls)
         return image, region, cls
 
     def choose(self, rng: np.random.Generator, exclude_image: int | None = None) -> list[int]:

@@ -96,6 +96,9 @@ class MaskFolderDataset(Dataset):
     """Image folder + mask folder matched by file stem (e.g. ISBI-2012: ``image/0.png`` + ``label/0.png``).
 
     ``value_map``: ``"binary"`` (mask > 127 -> 1), a mapping raw value -> class, or ``None`` (as stored).
+    With ``num_classes``, a mask holding a value that maps to no class id (``0..num_classes-1``) nor
+    ``ignore_index`` raises an error naming the file and the values: a multi-class mask read with the wrong
+    map must not train silently.
     """
 
     def __init__(
@@ -105,8 +108,11 @@ class MaskFolderDataset(Dataset):
         transform: Callable[..., dict[str, Any]] | None = None,
         value_map: str | Mapping[int, int] | None = None,
         stems: Sequence[str] | None = None,
+        num_classes: int | None = None,
+        ignore_index: int = 255,
     ):
         self.image_dir, self.mask_dir, self.transform = Path(image_dir), Path(mask_dir), transform
+        self.num_classes, self.ignore_index = num_classes, ignore_index
         images = {p.stem: p for p in sorted(self.image_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
         masks = {p.stem: p for p in sorted(self.mask_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
         missing = sorted(set(images) - set(masks))
@@ -128,11 +134,22 @@ class MaskFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.stems)
 
-    def _map_values(self, raw: np.ndarray) -> np.ndarray:
-        if self.value_map is None:
-            return raw
+    def _map_values(self, raw: np.ndarray, path: Path) -> np.ndarray:
         if self.value_map == "binary":
             return (raw > 127).astype(np.uint8)
+        if self.num_classes is not None:
+            allowed = set(self.value_map) if self.value_map is not None else set(range(self.num_classes))
+            found = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+            bad = sorted(set(found.tolist()) - allowed - {self.ignore_index})
+            if bad:
+                raise ValueError(
+                    f"mask {path} holds values {bad[:10]} (all values: {found.tolist()[:20]}) that are no "
+                    f"class id 0..{self.num_classes - 1} nor the ignore index {self.ignore_index}"
+                    + (" under data.value_map" if self.value_map is not None else "")
+                    + ": set data.value_map (binary, or {value: class}) to say how to read them"
+                )
+        if self.value_map is None:
+            return raw
         table = np.full(256, 255, np.uint8)
         for value, cls in self.value_map.items():
             table[value] = cls
@@ -143,7 +160,7 @@ class MaskFolderDataset(Dataset):
         image = read_image(self.images[stem])
         raw = load_mask(self.masks[stem])
         check_same_size(image, raw, self.images[stem], str(self.masks[stem]))
-        sample = to_sample(image, self._map_values(raw), self.transform)
+        sample = to_sample(image, self._map_values(raw, self.masks[stem]), self.transform)
         return {**sample, "image_id": stem, "file_name": self.images[stem].name}
 
 

@@ -142,7 +142,10 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
         train_ids, val_ids = _without_excluded(cfg, actual, train_ids, val_ids)
 
         def make(ids: list[Any], tf: Any) -> Dataset:
-            return MaskFolderDataset(cfg.data.image_dir, cfg.data.mask_dir, tf, cfg.data.value_map, ids)
+            return MaskFolderDataset(
+                cfg.data.image_dir, cfg.data.mask_dir, tf, cfg.data.mask_values(), ids, len(names),
+                cfg.loss.ignore_index,
+            )  # fmt: skip
 
         train = _with_extra(cfg, fold, make(train_ids, train_tf), names, labelled, train_tf)
         return train, make(val_ids, eval_tf), names
@@ -169,7 +172,7 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
         aug = cfg.augment
         paste = CopyPaste(
             coco, class_map.category_to_class, cfg.data.root, train_ints, aug.copy_paste,
-            aug.copy_paste_objects, aug.copy_paste_scale, aug.copy_paste_balanced,
+            aug.copy_paste_objects, aug.copy_paste_scale, aug.copy_paste_balanced, cache.mask_path,
         )  # fmt: skip
     train = CocoSegmentationDataset(cache, cfg.data.root, train_ints, train_tf, paste)
     return (

@@ -75,6 +75,7 @@ class FullScaleStage(nn.Module):
         use_norm: bool | str | dict[str, Any],
         interpolation_mode: str,
         upsample_after_conv: bool = True,
+        attention_type: str | None = None,
     ):
         super().__init__()
         # sources: (source level, channels) in the order the forward pass hands them over
@@ -85,9 +86,13 @@ class FullScaleStage(nn.Module):
         self.fuse = md.Conv2dReLU(
             cat_channels * len(sources), out_channels, kernel_size=3, padding=1, use_norm=use_norm
         )
+        # smp's attention (identity for None): on the concatenated branches and on the fused output
+        self.attention1 = md.Attention(attention_type, in_channels=cat_channels * len(sources))
+        self.attention2 = md.Attention(attention_type, in_channels=out_channels)
 
     def forward(self, inputs: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-        return self.fuse(torch.cat([branch(x, size) for branch, x in zip(self.branches, inputs)], dim=1))
+        x = torch.cat([branch(x, size) for branch, x in zip(self.branches, inputs)], dim=1)
+        return self.attention2(self.fuse(self.attention1(x)))
 
 
 class FullResolutionBlock(nn.Module):
@@ -125,6 +130,7 @@ class Unet3PlusDecoder(nn.Module):
         interpolation_mode: mode of the upsampling branches (``"bilinear"`` in the paper).
         upsample_after_conv: convolve deeper maps at their own resolution, then upsample (fast, default);
             ``False`` is the paper's order (upsample, then convolve).
+        attention_type: ``None`` or ``"scse"`` (smp's attention block around each stage's fusion).
 
     Forward returns the stage outputs shallow to deep: ``[X_1, ..., X_{D-1}, E_D]``; ``X_1`` (stride 2) feeds
     the segmentation head, the rest feed the deep-supervision heads.
@@ -138,6 +144,7 @@ class Unet3PlusDecoder(nn.Module):
         use_norm: bool | str | dict[str, Any] = "batchnorm",
         interpolation_mode: str = "bilinear",
         upsample_after_conv: bool = True,
+        attention_type: str | None = None,
     ):
         super().__init__()
         if not 3 <= encoder_depth <= 5:
@@ -177,6 +184,7 @@ class Unet3PlusDecoder(nn.Module):
                     use_norm,
                     interpolation_mode,
                     upsample_after_conv,
+                    attention_type,
                 )
             )
             self.stage_sources.append(sources)

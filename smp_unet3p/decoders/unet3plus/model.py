@@ -73,7 +73,11 @@ class Unet3Plus(SegmentationModel):
             (0.09 vs 0.45 mIoU), so soft is the default.
         cgm_threshold: presence threshold of the hard gate.
         aux_params: smp's classification head (``classes``, ``pooling``, ``dropout``, ``activation``).
-        kwargs: passed to the encoder (timm encoders).
+        decoder_attention_type: ``None`` or ``"scse"``: smp's attention block on each stage's concatenated
+            branches and on its fused output (as smp's Unet applies it around each decoder block).
+        kwargs: passed to a timm (``tu-``) encoder's constructor. smp's deprecated ``decoder_use_batchnorm``
+            is read as ``decoder_use_norm``; ``decoder_channels`` (smp's Unet) is refused, pointing at
+            ``decoder_cat_channels``; any other keyword with an smp encoder is an error, never dropped.
 
     Returns:
         eval mode: ``[B, classes, H, W]`` (``(masks, labels)`` with ``aux_params``), like every smp model;
@@ -97,6 +101,7 @@ class Unet3Plus(SegmentationModel):
         decoder_interpolation: str = "bilinear",
         decoder_upsample_after_conv: bool = True,
         decoder_full_res_channels: int | None = None,
+        decoder_attention_type: str | None = None,
         in_channels: int = 3,
         classes: int = 1,
         activation: str | Callable | None = None,
@@ -109,6 +114,7 @@ class Unet3Plus(SegmentationModel):
         **kwargs: Any,
     ):
         super().__init__()
+        decoder_use_norm = _smp_style_arguments(kwargs, encoder_name, decoder_use_norm)
         if classes < 1:
             raise ValueError(f"classes must be >= 1, got {classes}")
         if cgm_gate not in ("hard", "soft"):
@@ -124,6 +130,7 @@ class Unet3Plus(SegmentationModel):
             use_norm=decoder_use_norm,
             interpolation_mode=decoder_interpolation,
             upsample_after_conv=decoder_upsample_after_conv,
+            attention_type=decoder_attention_type,
         )
         # decoder output is at stride 2: a full-resolution block decodes it to input size, or raw_outputs
         # upsamples the head's logits with the same interpolation as the side outputs (align_corners=False)
@@ -217,8 +224,45 @@ class Unet3Plus(SegmentationModel):
             return out
         return self.finalize(out)
 
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "Unet3Plus does not support TorchScript (torch.jit.script): its train-mode dict output and CGM "
+            "branches are not scriptable. Use torch.export or torch.compile (both tested), or ONNX export"
+        )
+
     @classmethod
     def _from_pretrained(cls, *, model_id: str, **kwargs: Any):
         # the saved weights replace the encoder's: never fetch (or look for) the original encoder weights
         kwargs["encoder_weights"] = None
         return super()._from_pretrained(model_id=model_id, **kwargs)
+
+
+def _smp_style_arguments(kwargs: dict[str, Any], encoder_name: str, use_norm: Any) -> Any:
+    """Read smp's keyword arguments that ``Unet3Plus`` does not take by name out of ``kwargs`` (in place);
+    returns ``decoder_use_norm``. What stays in ``kwargs`` goes to a timm encoder; with an smp encoder it
+    would be dropped, so it is an error."""
+    import inspect
+    import warnings
+
+    from ..._names import did_you_mean
+
+    if "decoder_channels" in kwargs:
+        raise ValueError(
+            "Unet3Plus has no decoder_channels: every stage has encoder_depth * decoder_cat_channels "
+            f"channels (got decoder_channels={kwargs['decoder_channels']!r}); set decoder_cat_channels "
+            "(64 in the paper, 32 is a light setting)"
+        )
+    batchnorm = kwargs.pop("decoder_use_batchnorm", None)
+    if batchnorm is not None:
+        warnings.warn(
+            "decoder_use_batchnorm is deprecated (as in smp); use decoder_use_norm", DeprecationWarning, 3
+        )
+        use_norm = batchnorm
+    if kwargs and not encoder_name.startswith("tu-"):
+        known = [p for p in inspect.signature(Unet3Plus.__init__).parameters if p not in ("self", "kwargs")]
+        hints = "".join(did_you_mean(k, known) for k in sorted(kwargs))
+        raise TypeError(
+            f"Unet3Plus got unexpected keyword argument(s) {sorted(kwargs)}.{hints} Only timm (tu-) encoders "
+            f"take extra keywords; encoder {encoder_name!r} would ignore them"
+        )
+    return use_norm
