@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,14 +259,8 @@ def ensemble_probs(
 
     coco = load_coco(test_json, None)
     files = read_prob_files(paths, [str(i) for i in coco.images])
-    partial = files.partial()
-    if partial and not allow_partial:
-        raise ProvenanceError(
-            "probability files made from incomplete runs: " + "; ".join(partial) + ". Pass --allow-partial "
-            "to use them anyway (the output records it)"
-        )
-    for problem in partial:
-        warnings.warn(f"--allow-partial: {problem}", stacklevel=2)
+    what = "probability files made from incomplete runs"
+    partial = provenance.accept_partial(files.partial(), allow_partial, what, "Make them from finished runs")
     if weights_file is not None:
         weights = load_weights(weights_file, files)
     post = PostProcess.load(postprocess, files.class_names) if postprocess else None

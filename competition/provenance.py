@@ -164,13 +164,20 @@ def check_complete(runs: Sequence[RunInfo], allow_partial: bool = False) -> list
     for run in runs:
         if not run.fold_dirs():
             raise CheckpointError(f"no trained fold (fold*/{BEST_META}) in {run.dir}")
+    fix = "Finish them (competition train --resume)"
+    return accept_partial(problems, allow_partial, "incomplete runs", fix)
+
+
+def accept_partial(problems: list[str], allow_partial: bool, what: str, fix: str) -> list[str]:
+    """Refuse ``problems`` (one ``ProvenanceError`` listing them, saying how to ``fix`` them) unless
+    ``allow_partial``; then warn about each and return them, for the output to record."""
     if problems and not allow_partial:
         raise ProvenanceError(
-            "incomplete runs: " + "; ".join(problems) + ". Finish them (competition train --resume) or pass "
-            "--allow-partial to use what there is (the output records it)"
+            f"{what}: " + "; ".join(problems) + f". {fix}, or pass --allow-partial to use what there is (the "
+            "output records it)"
         )
     for p in problems:
-        warnings.warn(f"--allow-partial: {p}", stacklevel=2)
+        warnings.warn(f"--allow-partial: {p}", stacklevel=3)
     return problems
 
 

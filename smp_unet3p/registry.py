@@ -85,6 +85,8 @@ def check_model_kwargs(arch: str, encoder_name: str, kwargs: dict[str, Any]) -> 
             f"{sorted(rest)}: neither {cls.__name__} ({', '.join(own)}) nor timm's {encoder_name[3:]} takes "
             f"them ({exc})"
         ) from None
+    except Exception:  # the model cannot be built this way at all: building it later will say why
+        return
 
 
 def create_model(

@@ -151,7 +151,7 @@ class PseudoSet:
                 f"{where} was labelled by teachers trained on another folds file (folds {self.folds_hash}, "
                 f"this run's {folds_hash}): fold-matched labels need the same folds"
             )
-        if self.fold_matched and self.mask_key(fold) not in self.items[0]["masks"]:
+        if self.fold_matched and fold not in (self.folds or []):
             raise ConfigError(f"{where} has no labels for fold {fold} (its folds: {self.folds})")
         same = same_pictures([safe_join(self.image_root, i["file_name"]) for i in self.items], labelled)
         if same:
