@@ -195,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--step", type=float, default=0.1, help="grid step of the weight search")
     p.add_argument(
+        "--sample-pixels", type=int, default=2048,
+        help="labelled pixels per image the weight search scores (stratified by class, weighted back to "
+        "the image's class counts; 0: every pixel, exact but slow at competition size)",
+    )  # fmt: skip
+    p.add_argument(
         "--save-weights", type=Path, default=None, help="write the searched weights (weights.json)"
     )
     p.add_argument(

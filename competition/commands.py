@@ -208,7 +208,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     table = lambda frame: frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")  # noqa: E731
     partial = args.allow_partial
     if args.search_weights:
-        found = search_weights(args.runs, args.step, per_class=args.per_class, allow_partial=partial)
+        found = search_weights(
+            args.runs, args.step, args.per_class, partial, per_image=args.sample_pixels or None
+        )
         weights, fold_weights = found.weights, found.fold_weights
         weights = found.weights
         print(table(found.table.head(10)))

@@ -26,9 +26,12 @@ from . import provenance
 from .checkpoint import CheckpointError
 from .io import atomic_write_text
 from .oof import OofRuns, check_same_classes, stored_class_names
+from .oof_sample import OofSample, column_counts, sample_oof, vote_counts
 from .provenance import ProvenanceError
 from .tuning import FoldTable, nested_folds
-from .voting import class_weights, combine
+from .voting import class_weights
+
+PER_IMAGE = 2048  # labelled pixels sampled per image for the weight search (oof_sample)
 
 
 @dataclass
@@ -55,10 +58,18 @@ def _simplex(members: int, step: float) -> list[np.ndarray]:
 
 
 def search_weights(
-    runs: Sequence[str | os.PathLike], step: float = 0.1, per_class: bool = False, allow_partial: bool = False
+    runs: Sequence[str | os.PathLike],
+    step: float = 0.1,
+    per_class: bool = False,
+    allow_partial: bool = False,
+    per_image: int | None = PER_IMAGE,
 ) -> WeightSearch:
     """Grid search of run weights on the simplex (``step`` apart) by OOF mIoU, with the nested-by-folds score
     next to the in-sample one (module docstring).
+
+    One pass over the OOF files keeps a stratified sample of ``per_image`` labelled pixels per image
+    (``oof_sample``; ``None``: every pixel), on which the whole grid is scored with a few matrix products;
+    the scores are those of the sample (an unbiased estimate of the full-pixel ones).
 
     ``per_class``: then, starting from the best per-run weights, each class's column of weights is chosen on
     its own from the same grid (the other classes keep the per-run weights). The nested score repeats the
@@ -67,21 +78,23 @@ def search_weights(
     oof = OofRuns(runs, allow_partial)
     if len(oof.runs) < 2:
         raise ValueError("weight search needs at least two runs")
+    sample = sample_oof(oof, per_image or np.iinfo(np.int64).max)
     grid = _simplex(len(oof.runs), step)
     per_run = FoldTable(oof.num_classes, oof.ignore_index)
-    for _, fold, probs, target in oof:
-        stack = np.stack([p.astype(np.float32) for p in probs])
-        for i, w in enumerate(grid):
-            per_run.add(fold, i, np.tensordot(w, stack, 1).argmax(0), target)
+    _add_counts(per_run, vote_counts(sample, np.stack(grid)), list(range(len(grid))))
     folds = nested_folds(per_run)
     keys = list(range(len(grid)))
     chosen = {None: grid[per_run.best(keys)], **{f: grid[per_run.best(keys, without=f)] for f in folds}}
     if per_class:
-        chosen = _per_class(oof, grid, chosen)
+        chosen = _per_class(sample, grid, chosen, oof.ignore_index)
     final = FoldTable(oof.num_classes, oof.ignore_index)
-    for _, fold, probs, target in oof:
-        final.add(fold, "in", combine(probs, chosen[None]), target)
-        final.add(fold, "nested", combine(probs, chosen[fold]), target)
+    for b, w in chosen.items():
+        counts = vote_counts(sample, class_weights(w, len(oof.runs), oof.num_classes)[None])
+        for fold, matrices in counts.items():
+            if b is None:
+                final.add_counts(fold, "in", matrices[0])
+            if b == fold:
+                final.add_counts(fold, "nested", matrices[0])
     names = [f"w_{r.name}" for r in oof.runs]
     table = pd.DataFrame([{**dict(zip(names, w)), "miou": per_run.miou(i)} for i, w in enumerate(grid)])
     return WeightSearch(
@@ -89,32 +102,36 @@ def search_weights(
         final.miou("in"),
         final.miou("nested"),
         {f: chosen[f] for f in folds},
-        table.sort_values("miou", ascending=False),
+        table.sort_values("miou", ascending=False, kind="stable"),
     )
 
 
-def _per_class(oof: OofRuns, grid: list[np.ndarray], bases: dict) -> dict:
+def _add_counts(table: FoldTable, counts: dict[int, np.ndarray], candidates: Sequence[Any]) -> None:
+    for fold, matrices in counts.items():
+        for candidate, matrix in zip(candidates, matrices):
+            table.add_counts(fold, candidate, matrix)
+
+
+def _per_class(sample: OofSample, grid: list[np.ndarray], bases: dict, ignore_index: int | None) -> dict:
     """Per base (``None``: all folds; ``f``: every fold but f), each class's weight column chosen on the folds
     that base may see, the others kept at the base's per-run weights."""
-    classes = oof.num_classes
-    tables = {b: FoldTable(classes, oof.ignore_index) for b in bases}
-    for _, fold, probs, target in oof:
-        for b, base in bases.items():
-            if b == fold:
-                continue  # never tune on the fold this base is scored on
-            full = class_weights(base, len(probs), classes)
-            for c in range(classes):
-                for i, g in enumerate(grid):
-                    w = full.copy()
-                    w[:, c] = g
-                    tables[b].add(fold, (c, i), combine(probs, w), target)
-    out = {}
+    classes, members = sample.num_classes, len(grid[0])
+    out, tables = {}, {}  # one candidate table per distinct base: bases often share their weights
     for b, base in bases.items():
-        w = class_weights(base, len(oof.runs), classes)
+        full = class_weights(base, members, classes)
+        key = tuple(np.round(full, 12).ravel())
+        if key not in tables:
+            tables[key] = FoldTable(classes, ignore_index)
+            for fold, matrices in column_counts(sample, full, np.stack(grid)).items():
+                for c in range(classes):
+                    for i in range(len(grid)):
+                        tables[key].add_counts(fold, (c, i), matrices[c, i])
+        table = tables[key]
         start = next(i for i, g in enumerate(grid) if np.allclose(g, base))
+        w = full.copy()
         for c in range(classes):
             order = [(c, start)] + [(c, i) for i in range(len(grid)) if i != start]  # ties keep the base
-            w[:, c] = grid[tables[b].best(order)[1]]
+            w[:, c] = grid[table.best(order, without=b)[1]]
         out[b] = w
     return out
 

@@ -1,0 +1,173 @@
+"""The OOF tools at competition size: fabricated but realistic OOF files written with the project's own
+``OofWriter`` (any image count, run count, fold count, size and class count), then every tool timed in a
+forked child with its CPU seconds and peak RSS.
+
+Tools: ``evaluate`` (``scores.evaluate_oof``), ``search`` (``ensemble.search_weights``, sampled pixels, the
+default), ``search_exhaustive`` (the search as it was before the pixel sample: every weight vector re-votes
+every image, timed on ``--exhaustive-images`` images and extrapolated), ``search_per_class``, ``tune``
+(``postprocess.tune``) and ``audit`` (``scores.audit_table``). ``--compare`` also runs the exact search
+(every pixel, ``per_image=None``) and reports whether the sampled search chose the same weights.
+
+python benchmarks/oof_scale.py --images 3272 --runs 5 --folds 5 --size 256 --out /tmp/oof_scale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import platform
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from competition.oof import OofWriter
+
+CLASSES = ["Background", "General trash", "Paper", "Paper pack", "Metal", "Glass", "Plastic", "Styrofoam",
+           "Plastic bag", "Battery", "Clothing"]  # fmt: skip
+
+
+def fabricate(
+    out: Path, images: int, runs: int, folds: int, size: int, classes: int, seed: int = 0
+) -> list[Path]:
+    """Run directories whose fold files hold ``config.yaml``, ``metrics.csv``, ``best.json`` and an
+    ``oof.npz``: targets of a few rectangles per image, each run's probabilities a noisy softmax of them."""
+    from competition.config import config_from_dict
+
+    names = CLASSES[:classes] if classes <= len(CLASSES) else [f"c{i}" for i in range(classes)]
+    rng = np.random.default_rng(seed)
+    targets = []
+    for _ in range(images):
+        t = np.zeros((size, size), np.uint8)
+        for _ in range(rng.integers(1, 5)):
+            y, x = rng.integers(0, size - 8, 2)
+            h, w = rng.integers(8, size // 2, 2)
+            t[y : y + h, x : x + w] = rng.integers(1, classes)
+        targets.append(t)
+    fold_of = np.arange(images) % folds
+    data = {"root": str(out), "annotations": str(out / "train.json"), "folds": str(out / "folds.csv")}
+    dirs, (rows, cols) = [], np.indices((size, size))
+    for r in range(runs):
+        cfg = config_from_dict({"name": f"run{r}", "data": data, "train": {"epochs": 1}})
+        noise = 1.0 + 0.3 * r
+        for f in range(folds):
+            d = out / f"run{r}" / f"fold{f}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "config.yaml").write_text(cfg.to_yaml())
+            (d / "metrics.csv").write_text("epoch,miou\n1,0.5\n")
+            (d / "best.json").write_text(json.dumps({"fold": f, "classes": names}))
+            with OofWriter(d / "oof.npz", "probs", None, names, f, 255) as writer:
+                for i in np.flatnonzero(fold_of == f):
+                    logits = rng.normal(0, noise, (classes, size, size)).astype(np.float32)
+                    logits[targets[i], rows, cols] += 2.5
+                    probs = torch.from_numpy(logits).softmax(0)[None]
+                    writer.add({"image_id": [str(i)], "mask": torch.from_numpy(targets[i])[None]}, probs)
+        dirs.append(out / f"run{r}")
+    return dirs
+
+
+def _exhaustive(runs: list[Path], limit: int) -> int:
+    """The weight search as it was: every grid vector re-votes every image (first ``limit`` images)."""
+    from competition.ensemble import _simplex
+    from competition.oof import OofRuns
+    from competition.tuning import FoldTable
+
+    oof = OofRuns(runs)
+    grid = _simplex(len(runs), 0.1)
+    table = FoldTable(oof.num_classes, oof.ignore_index)
+    for n, (_, fold, probs, target) in enumerate(oof):
+        if n == limit:
+            return n
+        stack = np.stack([p.astype(np.float32) for p in probs])
+        for i, w in enumerate(grid):
+            table.add(fold, i, np.tensordot(w, stack, 1).argmax(0), target)
+    return len(oof)
+
+
+def _tool(name: str, runs: list[Path], args: argparse.Namespace) -> dict:
+    from competition.ensemble import search_weights
+    from competition.postprocess import tune
+    from competition.scores import audit_table, evaluate_oof
+
+    if name == "evaluate":
+        return {"miou": float(evaluate_oof(runs)["miou"].iloc[-1])}
+    if name in ("search", "search_exact"):
+        found = search_weights(runs, per_image=args.per_image if name == "search" else None)
+        return {"weights": np.round(found.weights, 3).tolist(), "in": found.in_sample, "nested": found.nested}
+    if name == "search_per_class":
+        found = search_weights(runs, per_class=True, per_image=args.per_image)
+        return {"in": found.in_sample, "nested": found.nested}
+    if name == "search_exhaustive":
+        return {"images_timed": _exhaustive(runs, args.exhaustive_images)}
+    if name == "tune":
+        return {"nested": tune(runs).nested}
+    if name == "audit":
+        return {"rows": len(audit_table(runs, {str(i): f"{i}.jpg" for i in range(args.images)}))}
+    raise ValueError(name)
+
+
+def _child(name: str, runs: list[Path], args: argparse.Namespace, queue: multiprocessing.Queue) -> None:
+    torch.set_num_threads(args.threads)
+    start = resource.getrusage(resource.RUSAGE_SELF)
+    wall = time.perf_counter()
+    result = _tool(name, runs, args)
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (end.ru_utime - start.ru_utime) + (end.ru_stime - start.ru_stime)
+    queue.put({"tool": name, "cpu_s": cpu, "wall_s": time.perf_counter() - wall,
+               "peak_rss_gb": end.ru_maxrss / 2**20, **result})  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=3272)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--classes", type=int, default=11)
+    parser.add_argument("--per-image", type=int, default=2048, help="pixels sampled per image by the search")
+    parser.add_argument("--exhaustive-images", type=int, default=20, help="images the old search is timed on")
+    parser.add_argument("--tools", default="evaluate,search,search_exhaustive,search_per_class,tune,audit")
+    parser.add_argument("--compare", action="store_true", help="also the exact search (every pixel)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/oof_scale"))
+    parser.add_argument("--keep", action="store_true", help="reuse fabricated files of the same shape")
+    args = parser.parse_args()
+
+    shape = f"{args.images}x{args.runs}x{args.folds}x{args.size}x{args.classes}"
+    root = args.out / shape
+    started = time.perf_counter()
+    if not (args.keep and root.is_dir()):
+        shutil.rmtree(root, ignore_errors=True)
+        runs = fabricate(root, args.images, args.runs, args.folds, args.size, args.classes)
+    else:
+        runs = sorted(p for p in root.glob("run*") if p.is_dir())
+    gb = sum(f.stat().st_size for f in root.rglob("oof.npz")) / 2**30
+    print(f"OOF files: {shape}, {gb:.2f} GB ({time.perf_counter() - started:.0f} s to make)", flush=True)
+    tools = args.tools.split(",") + (["search_exact"] if args.compare else [])
+    rows = []
+    ctx = multiprocessing.get_context("fork")
+    for name in tools:
+        queue = ctx.Queue()
+        child = ctx.Process(target=_child, args=(name, runs, args, queue))
+        child.start()
+        row = queue.get()
+        child.join()
+        if name == "search_exhaustive":  # extrapolated to every image
+            row["cpu_s_all_images"] = row["cpu_s"] * args.images / max(1, row["images_timed"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    table = pd.DataFrame(rows)
+    print(f"\n{platform.node()} {platform.processor() or platform.machine()}, torch threads {args.threads}")
+    print(table.to_string(index=False))
+    table.to_csv(args.out / f"oof_scale_{shape}.csv", index=False)
+
+
+if __name__ == "__main__":
+    main()

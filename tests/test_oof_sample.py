@@ -1,0 +1,71 @@
+"""Weight search on a stratified pixel sample (issue 21): the sample's weighted counts estimate the full
+confusion matrix, the exact path (every pixel) reproduces the exhaustive per-image grid, and a sample picks
+the same weights on a clear case."""
+
+import numpy as np
+import pytest
+from conftest import fake_oof_run, onehot
+
+from competition.ensemble import _simplex, search_weights
+from competition.metrics import confusion
+from competition.oof import OofRuns
+from competition.oof_sample import sample_oof, sample_pixels, vote_counts
+from competition.tuning import FoldTable
+from competition.voting import combine
+
+
+def test_stratified_sample_represents_every_class_and_weighs_pixels_back():
+    target = np.zeros((32, 32), np.int64)
+    target[:2, :3] = 2  # 6 pixels of a rare class
+    target[10:30, 10:30] = 1
+    target[0, 31] = 255  # ignored
+    index, weight = sample_pixels(target, 3, 255, 60, np.random.default_rng(0))
+    flat = target.ravel()
+    assert len(index) == 6 + 20 + 20 and len(set(index.tolist())) == len(index)
+    assert (flat[index] != 255).all()
+    for c in range(3):
+        assert weight[flat[index] == c].sum() == pytest.approx((flat == c).sum())  # each stands for its share
+    small, ones = sample_pixels(target, 3, 255, 4096, np.random.default_rng(0))
+    assert len(small) == 1023 and (ones == 1).all()  # few enough pixels: all of them
+
+
+def _runs(tmp_path, seed=0):
+    rng = np.random.default_rng(seed)
+    runs = []
+    targets = {f: {f"{f}{i}": rng.integers(0, 3, (12, 12)) for i in range(3)} for f in (0, 1, 2)}
+    for r, (noise, confidence) in enumerate(((0.3, 0.7), (0.45, 0.6), (0.6, 0.8))):
+        folds = {
+            f: {k: (onehot(np.where(rng.random(t.shape) < noise, (t + 1) % 3, t), 3, confidence), t)
+                for k, t in items.items()}
+            for f, items in targets.items()
+        }  # fmt: skip
+        runs.append(fake_oof_run(tmp_path, f"r{r}", folds, ["bg", "a", "b"]))
+    return runs
+
+
+def test_exact_search_equals_the_exhaustive_per_image_grid(tmp_path):
+    runs = _runs(tmp_path)
+    oof = OofRuns(runs)
+    grid = _simplex(3, 0.1)
+    table = FoldTable(3, 255)
+    for _, fold, probs, target in oof:  # the search as it was: every vector re-votes every image
+        for i, w in enumerate(grid):
+            table.add(fold, i, combine(probs, w), target)
+    found = search_weights(runs, per_image=None)
+    keys = list(range(len(grid)))
+    np.testing.assert_allclose(found.weights, grid[table.best(keys)])
+    for fold in (0, 1, 2):
+        np.testing.assert_allclose(found.fold_weights[fold], grid[table.best(keys, without=fold)])
+    assert found.in_sample == table.miou(table.best(keys))
+    per_class = search_weights(runs, per_image=None, per_class=True)
+    counts = vote_counts(sample_oof(oof, 10**9), per_class.weights[None])
+    direct = sum(confusion(combine(p, per_class.weights), t, 3, 255) for _, _, p, t in oof)
+    np.testing.assert_array_equal(sum(counts.values())[0], direct)  # per-class votes as combine makes them
+
+
+def test_a_pixel_sample_picks_the_exhaustive_choice_on_a_clear_case(tmp_path):
+    runs = _runs(tmp_path, seed=3)
+    exact = search_weights(runs, per_image=None)
+    sampled = search_weights(runs, per_image=48)  # a third of each 12x12 image
+    np.testing.assert_allclose(sampled.weights, exact.weights)
+    assert abs(sampled.in_sample - exact.in_sample) < 0.03
