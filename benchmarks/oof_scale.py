@@ -6,7 +6,8 @@ Tools: ``evaluate`` (``scores.evaluate_oof``), ``search`` (``ensemble.search_wei
 default), ``search_exhaustive`` (the search as it was before the pixel sample: every weight vector re-votes
 every image, timed on ``--exhaustive-images`` images and extrapolated), ``search_per_class``, ``tune``
 (``postprocess.tune``) and ``audit`` (``scores.audit_table``). ``--compare`` also runs the exact search
-(every pixel, ``per_image=None``) and reports whether the sampled search chose the same weights.
+(every pixel, ``per_image=None``), to see whether the sampled search chose the same weights; it holds every
+pixel of every run in memory, so use it at a few hundred images, not at 3272.
 
 python benchmarks/oof_scale.py --images 3272 --runs 5 --folds 5 --size 256 --out /tmp/oof_scale
 """
