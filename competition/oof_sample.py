@@ -90,7 +90,10 @@ def vote_counts(sample: OofSample, weights: np.ndarray, chunk: int = 1 << 22) ->
         for start in range(0, len(rows), step):
             part = rows[start : start + step]
             p = sample.probs[part].astype(np.float32)  # [P, R, C]
-            votes = np.einsum("grc,prc->gpc", w, p) if per_class else np.einsum("gr,prc->gpc", w, p)
+            if per_class:
+                votes = sum(w[:, r, None, :] * p[None, :, r, :] for r in range(p.shape[1]))
+            else:  # one matrix product [G, R] x [R, P*C]
+                votes = (w @ p.transpose(1, 0, 2).reshape(p.shape[1], -1)).reshape(grid, len(part), classes)
             pred = votes.argmax(-1)  # [G, P]
             cell = (
                 sample.target[part][None, :] * classes + pred + (np.arange(grid) * classes * classes)[:, None]
@@ -124,7 +127,8 @@ def column_counts(
             p = sample.probs[part].astype(np.float32)  # [P, R, C]
             target, weight = sample.target[part], sample.weight[part]
             scores = np.einsum("rc,prc->pc", base, p)
-            alternatives = np.einsum("gr,prc->cgp", grid, p)  # class c's score under each grid vector
+            flat = p.transpose(1, 0, 2).reshape(p.shape[1], -1)  # [R, P*C]
+            alternatives = (grid @ flat).reshape(size, len(part), classes).transpose(2, 0, 1)  # [C, G, P]
             for c in range(classes):
                 others = scores.copy()
                 others[:, c] = -np.inf
