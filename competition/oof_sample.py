@@ -5,7 +5,9 @@ every image for each vector costs hours at competition size (3272 images at 256 
 the OOF files keeps, per image, a sample of its labelled pixels: every class present gets an equal quota
 (so rare classes are represented), and each sampled pixel carries a weight, the number of pixels of its
 image and class it stands for. The weighted confusion matrix of the sample is then an unbiased estimate of
-the full one, and ``vote_counts`` scores a whole grid of weight vectors on it with a few matrix products.
+the full one, and ``vote_counts`` scores a whole grid of weight vectors on it with a few matrix products
+(pixels where every run's argmax agrees are counted once for the whole grid: a convex combination of
+probability maps with the same argmax has that argmax too).
 Images with no more labelled pixels than the quota are taken whole (the sample is then exact).
 """
 
@@ -90,19 +92,19 @@ def vote_counts(sample: OofSample, weights: np.ndarray, chunk: int = 1 << 22) ->
         for start in range(0, len(rows), step):
             part = rows[start : start + step]
             p = sample.probs[part].astype(np.float32)  # [P, R, C]
-            if per_class:
+            target, weight = sample.target[part], sample.weight[part]
+            if not per_class:  # where every run's argmax agrees, so does every convex combination's
+                each = p.argmax(-1)
+                agree = (each == each[:, :1]).all(1)
+                same = np.bincount(target[agree] * classes + each[agree, 0], weight[agree], classes * classes)
+                counts += np.tile(same, grid)
+                p, target, weight = p[~agree], target[~agree], weight[~agree]
+                votes = (w @ p.transpose(1, 0, 2).reshape(p.shape[1], -1)).reshape(grid, len(p), classes)
+            else:
                 votes = sum(w[:, r, None, :] * p[None, :, r, :] for r in range(p.shape[1]))
-            else:  # one matrix product [G, R] x [R, P*C]
-                votes = (w @ p.transpose(1, 0, 2).reshape(p.shape[1], -1)).reshape(grid, len(part), classes)
             pred = votes.argmax(-1)  # [G, P]
-            cell = (
-                sample.target[part][None, :] * classes + pred + (np.arange(grid) * classes * classes)[:, None]
-            )
-            counts += np.bincount(
-                cell.ravel(),
-                np.broadcast_to(sample.weight[part], pred.shape).ravel(),
-                grid * classes * classes,
-            )
+            cell = target[None, :] * classes + pred + (np.arange(grid) * classes * classes)[:, None]
+            counts += np.bincount(cell.ravel(), np.broadcast_to(weight, pred.shape).ravel(), len(counts))
         out[fold] = np.rint(counts).astype(np.int64).reshape(grid, classes, classes)
     return out
 
