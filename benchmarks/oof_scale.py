@@ -139,6 +139,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("/tmp/oof_scale"))
     parser.add_argument("--keep", action="store_true", help="reuse fabricated files of the same shape")
+    parser.add_argument("--use-runs", type=int, default=None, help="time the tools on the first N runs only")
     args = parser.parse_args()
 
     shape = f"{args.images}x{args.runs}x{args.folds}x{args.size}x{args.classes}"
@@ -151,6 +152,7 @@ def main() -> None:
         runs = sorted(p for p in root.glob("run*") if p.is_dir())
     gb = sum(f.stat().st_size for f in root.rglob("oof.npz")) / 2**30
     print(f"OOF files: {shape}, {gb:.2f} GB ({time.perf_counter() - started:.0f} s to make)", flush=True)
+    runs = runs[: args.use_runs or len(runs)]
     tools = args.tools.split(",") + (["search_exact"] if args.compare else [])
     rows = []
     ctx = multiprocessing.get_context("fork")
