@@ -80,10 +80,9 @@ def search_weights(
         raise ValueError("weight search needs at least two runs")
     sample = sample_oof(oof, per_image or np.iinfo(np.int64).max)
     grid = _simplex(len(oof.runs), step)
-    per_run = FoldTable(oof.num_classes, oof.ignore_index)
-    _add_counts(per_run, vote_counts(sample, np.stack(grid)), list(range(len(grid))))
+    per_run, keys = FoldTable(oof.num_classes, oof.ignore_index), list(range(len(grid)))
+    _add_counts(per_run, vote_counts(sample, np.stack(grid)), keys)
     folds = nested_folds(per_run)
-    keys = list(range(len(grid)))
     chosen = {None: grid[per_run.best(keys)], **{f: grid[per_run.best(keys, without=f)] for f in folds}}
     if per_class:
         chosen = _per_class(sample, grid, chosen, oof.ignore_index)
@@ -122,10 +121,9 @@ def _per_class(sample: OofSample, grid: list[np.ndarray], bases: dict, ignore_in
         key = tuple(np.round(full, 12).ravel())
         if key not in tables:
             tables[key] = FoldTable(classes, ignore_index)
-            for fold, matrices in column_counts(sample, full, np.stack(grid)).items():
-                for c in range(classes):
-                    for i in range(len(grid)):
-                        tables[key].add_counts(fold, (c, i), matrices[c, i])
+            counts = column_counts(sample, full, np.stack(grid))
+            flat = {fold: m.reshape(-1, classes, classes) for fold, m in counts.items()}  # (c, i) order
+            _add_counts(tables[key], flat, [(c, i) for c in range(classes) for i in range(len(grid))])
         table = tables[key]
         start = next(i for i, g in enumerate(grid) if np.allclose(g, base))
         w = full.copy()
@@ -275,14 +273,15 @@ def ensemble_probs(
     from .voting import vote_mask
 
     coco = load_coco(test_json, None)
-    files = read_prob_files(paths, [str(i) for i in coco.images])
+    keys = [str(i) for i in coco.images]
+    files = read_prob_files(paths, keys)
     what = "probability files made from incomplete runs"
     partial = provenance.accept_partial(files.partial(), allow_partial, what, "Make them from finished runs")
     if weights_file is not None:
         weights = load_weights(weights_file, files)
     post = PostProcess.load(postprocess, files.class_names) if postprocess else None
     rows = []
-    for (_, probs), info in zip(files.iterate([str(i) for i in coco.images]), coco.images.values()):
+    for (_, probs), info in zip(files.iterate(keys), coco.images.values()):
         mask = vote_mask(probs, weights, vote, size or (info.height, info.width))
         rows += submission_rows(info.file_name, post(mask) if post else mask, fmt, size)
     expected = [info.file_name for info in coco.images.values()]

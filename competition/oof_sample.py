@@ -14,6 +14,7 @@ Images with no more labelled pixels than the quota are taken whole (the sample i
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,23 +78,32 @@ def sample_oof(oof: OofRuns, per_image: int = 2048, seed: int = 0) -> OofSample:
     )
 
 
+def _parts(sample: OofSample, fold: int, step: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``(probs [P, R, C] float32, target [P], weight [P])`` of fold ``fold``'s pixels, ``step`` at a time."""
+    rows = np.flatnonzero(sample.fold == fold)
+    for start in range(0, len(rows), step):
+        part = rows[start : start + step]
+        yield sample.probs[part].astype(np.float32), sample.target[part], sample.weight[part]
+
+
+def _confusions(target: np.ndarray, pred: np.ndarray, weight: np.ndarray, classes: int) -> np.ndarray:
+    """Weighted confusion counts of predictions ``[G, P]`` of ``G`` candidates, flat ``[G * C * C]``."""
+    cell = (np.arange(len(pred)) * classes * classes)[:, None] + target[None, :] * classes + pred
+    return np.bincount(cell.ravel(), np.broadcast_to(weight, pred.shape).ravel(), len(pred) * classes**2)
+
+
 def vote_counts(sample: OofSample, weights: np.ndarray, chunk: int = 1 << 22) -> dict[int, np.ndarray]:
     """Per fold, the weighted confusion matrices ``[G, C, C]`` of the soft votes of ``weights`` (``[G, R]``
     per run, or ``[G, R, C]`` per run and class) on the sample, rounded to whole pixels. Pixels are scored
     in chunks of about ``chunk`` vote values, so memory stays bounded whatever the grid size."""
     w = np.asarray(weights, dtype=np.float32)
     grid, classes = len(w), sample.num_classes
-    per_class = w.ndim == 3
     step = max(1, chunk // max(1, grid * classes))
     out: dict[int, np.ndarray] = {}
     for fold in sample.folds:
-        rows = np.flatnonzero(sample.fold == fold)
         counts = np.zeros(grid * classes * classes)
-        for start in range(0, len(rows), step):
-            part = rows[start : start + step]
-            p = sample.probs[part].astype(np.float32)  # [P, R, C]
-            target, weight = sample.target[part], sample.weight[part]
-            if not per_class:  # where every run's argmax agrees, so does every convex combination's
+        for p, target, weight in _parts(sample, fold, step):
+            if w.ndim == 2:  # where every run's argmax agrees, so does every convex combination's
                 each = p.argmax(-1)
                 agree = (each == each[:, :1]).all(1)
                 same = np.bincount(target[agree] * classes + each[agree, 0], weight[agree], classes * classes)
@@ -102,9 +112,7 @@ def vote_counts(sample: OofSample, weights: np.ndarray, chunk: int = 1 << 22) ->
                 votes = (w @ p.transpose(1, 0, 2).reshape(p.shape[1], -1)).reshape(grid, len(p), classes)
             else:
                 votes = sum(w[:, r, None, :] * p[None, :, r, :] for r in range(p.shape[1]))
-            pred = votes.argmax(-1)  # [G, P]
-            cell = target[None, :] * classes + pred + (np.arange(grid) * classes * classes)[:, None]
-            counts += np.bincount(cell.ravel(), np.broadcast_to(weight, pred.shape).ravel(), len(counts))
+            counts += _confusions(target, votes.argmax(-1), weight, classes)
         out[fold] = np.rint(counts).astype(np.int64).reshape(grid, classes, classes)
     return out
 
@@ -118,28 +126,20 @@ def column_counts(
     per pixel instead of a whole vote; ties go to the lower class index, as ``argmax`` breaks them."""
     base, grid = np.asarray(base, np.float32), np.asarray(grid, np.float32)
     classes, size = sample.num_classes, len(grid)
-    offsets = np.arange(size)[:, None] * classes * classes
     step = max(1, chunk // max(1, size * classes))
     out: dict[int, np.ndarray] = {}
     for fold in sample.folds:
-        rows = np.flatnonzero(sample.fold == fold)
         counts = np.zeros((classes, size * classes * classes))
-        for start in range(0, len(rows), step):
-            part = rows[start : start + step]
-            p = sample.probs[part].astype(np.float32)  # [P, R, C]
-            target, weight = sample.target[part], sample.weight[part]
+        for p, target, weight in _parts(sample, fold, step):
             scores = np.einsum("rc,prc->pc", base, p)
             flat = p.transpose(1, 0, 2).reshape(p.shape[1], -1)  # [R, P*C]
-            alternatives = (grid @ flat).reshape(size, len(part), classes).transpose(2, 0, 1)  # [C, G, P]
+            alternatives = (grid @ flat).reshape(size, len(p), classes).transpose(2, 0, 1)  # [C, G, P]
             for c in range(classes):
                 others = scores.copy()
                 others[:, c] = -np.inf
                 best, which = others.max(1), others.argmax(1)
                 alt = alternatives[c]
                 pred = np.where((alt > best) | ((alt == best) & (c < which)), c, which[None, :])
-                cell = offsets + target[None, :] * classes + pred
-                counts[c] += np.bincount(
-                    cell.ravel(), np.broadcast_to(weight, pred.shape).ravel(), counts.shape[1]
-                )
+                counts[c] += _confusions(target, pred, weight, classes)
         out[fold] = np.rint(counts).astype(np.int64).reshape(classes, size, classes, classes)
     return out
