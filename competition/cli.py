@@ -189,11 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
         "tuning with nested scores",
     )
     _add_runs_args(p)
-    p.add_argument("--search-weights", action="store_true", help="grid-search run weights on OOF mIoU")
+    p.add_argument("--search-weights", action="store_true", help="search run weights on OOF mIoU")
     p.add_argument(
         "--per-class", action="store_true", help="with --search-weights: one weight per run and class"
     )
-    p.add_argument("--step", type=float, default=0.1, help="grid step of the weight search")
+    p.add_argument(
+        "--search", choices=("auto", "grid", "greedy"), default="auto",
+        help="grid: every weight vector --step apart; greedy: forward selection of 1/step picks (cost "
+        "linear in runs); auto (default): the grid up to 300 vectors (4 runs at step 0.1), else greedy",
+    )  # fmt: skip
+    p.add_argument("--step", type=float, default=0.1, help="grid step (greedy: 1/step picks)")
     p.add_argument(
         "--sample-pixels", type=int, default=2048,
         help="labelled pixels per image the weight search scores (stratified by class, weighted back to "

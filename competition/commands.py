@@ -209,19 +209,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     partial = args.allow_partial
     if args.search_weights:
         found = search_weights(
-            args.runs, args.step, args.per_class, partial, per_image=args.sample_pixels or None
+            args.runs, args.step, args.per_class, partial, args.sample_pixels or None, args.search
         )
         weights, fold_weights = found.weights, found.fold_weights
-        weights = found.weights
         print(table(found.table.head(10)))
         kind = "per-class weights" if args.per_class else f"weights {[round(float(w), 3) for w in weights]}"
         print(
-            f"best {kind}: OOF mIoU {found.in_sample:.4f} in-sample (on the images they were chosen on: "
+            f"best {kind} ({found.method} search): OOF mIoU {found.in_sample:.4f} in-sample (on the "
+            "images they were chosen on: "
             f"optimistic); {found.nested:.4f} nested (each fold scored with weights chosen on the other "
             "folds): expect the latter"
         )
         if args.save_weights:
-            settings = {"step": args.step, "per_class": args.per_class}
+            settings = {"step": args.step, "per_class": args.per_class, "search": found.method}
             save_weights(args.save_weights, found, OofRuns(args.runs, partial), args.overwrite, **settings)
             print(f"weights: {args.save_weights}")
     print(table(evaluate_oof(args.runs, weights, partial)))

@@ -118,28 +118,30 @@ def vote_counts(sample: OofSample, weights: np.ndarray, chunk: int = 1 << 22) ->
 
 
 def column_counts(
-    sample: OofSample, base: np.ndarray, grid: np.ndarray, chunk: int = 1 << 22
+    sample: OofSample, base: np.ndarray, candidates: list[tuple[int, np.ndarray]], chunk: int = 1 << 22
 ) -> dict[int, np.ndarray]:
-    """Per fold, confusion matrices ``[C, G, C, C]``: for class ``c`` and grid vector ``g``, the soft vote
-    of the per-run-and-class weights ``base`` ``[R, C]`` with class ``c``'s column replaced by ``grid[g]``
-    (the per-class weight search). Only class ``c``'s score changes, so each candidate costs a comparison
-    per pixel instead of a whole vote; ties go to the lower class index, as ``argmax`` breaks them."""
-    base, grid = np.asarray(base, np.float32), np.asarray(grid, np.float32)
-    classes, size = sample.num_classes, len(grid)
-    step = max(1, chunk // max(1, size * classes))
+    """Per fold, confusion matrices ``[K, C, C]``: for candidate ``(c, column)``, the soft vote of the
+    per-run-and-class weights ``base`` ``[R, C]`` with class ``c``'s column replaced by ``column`` (the
+    per-class weight search). Only class ``c``'s score changes, so each candidate costs a comparison per
+    pixel instead of a whole vote; ties go to the lower class index, as ``argmax`` breaks them."""
+    base = np.asarray(base, np.float32)
+    classes, size = sample.num_classes, len(candidates)
+    which_class = np.array([c for c, _ in candidates])
+    columns = np.stack([np.asarray(col, np.float32) for _, col in candidates])  # [K, R]
+    step = max(1, chunk // max(1, size))
     out: dict[int, np.ndarray] = {}
     for fold in sample.folds:
-        counts = np.zeros((classes, size * classes * classes))
+        counts = np.zeros(size * classes * classes)
         for p, target, weight in _parts(sample, fold, step):
             scores = np.einsum("rc,prc->pc", base, p)
-            flat = p.transpose(1, 0, 2).reshape(p.shape[1], -1)  # [R, P*C]
-            alternatives = (grid @ flat).reshape(size, len(p), classes).transpose(2, 0, 1)  # [C, G, P]
-            for c in range(classes):
+            pred = np.empty((size, len(p)), np.int64)
+            for c in np.unique(which_class):
+                rows = np.flatnonzero(which_class == c)
                 others = scores.copy()
                 others[:, c] = -np.inf
                 best, which = others.max(1), others.argmax(1)
-                alt = alternatives[c]
-                pred = np.where((alt > best) | ((alt == best) & (c < which)), c, which[None, :])
-                counts[c] += _confusions(target, pred, weight, classes)
-        out[fold] = np.rint(counts).astype(np.int64).reshape(classes, size, classes, classes)
+                alt = columns[rows] @ p[:, :, c].T  # [k, P]
+                pred[rows] = np.where((alt > best) | ((alt == best) & (c < which)), c, which[None, :])
+            counts += _confusions(target, pred, weight, classes)
+        out[fold] = np.rint(counts).astype(np.int64).reshape(size, classes, classes)
     return out

@@ -113,7 +113,8 @@ def test_postprocess_tuning_helps_and_its_nested_choice_never_sees_the_fold(tmp_
     assert tune([without0]).postprocess.fill_holes == tuned.fold_postprocess[0].fill_holes
 
 
-def test_per_class_weight_search_is_nested_too(tmp_path):
+@pytest.mark.parametrize("method", ["grid", "greedy"])
+def test_per_class_weight_search_is_nested_too(tmp_path, method):
     rng = np.random.default_rng(1)
     folds = {}
     for f in range(3):
@@ -132,12 +133,17 @@ def test_per_class_weight_search_is_nested_too(tmp_path):
         }
         runs.append(fake_oof_run(tmp_path, f"r{r}", items, ["bg", "a", "b"]))
         without.append(fake_oof_run(tmp_path, f"w{r}", {f: items[f] for f in (1, 2)}, ["bg", "a", "b"]))
-    found = search_weights(runs, step=0.5, per_class=True)
+    found = search_weights(runs, step=0.5, per_class=True, method=method)
+    assert found.method == method
     assert found.weights.shape == (2, 3) and np.allclose(found.weights.sum(0), 1)
     assert set(found.fold_weights) == {0, 1, 2}
     # fold 0's weights are exactly what the whole per-class search chooses on folds 1 and 2 alone
     np.testing.assert_array_equal(
-        search_weights(without, step=0.5, per_class=True).weights, found.fold_weights[0]
+        search_weights(without, step=0.5, per_class=True, method=method).weights, found.fold_weights[0]
+    )
+    per_run = search_weights(runs, step=0.25, method=method)  # and so is the per-run search
+    np.testing.assert_array_equal(
+        search_weights(without, step=0.25, method=method).weights, per_run.fold_weights[0]
     )
 
 

@@ -69,3 +69,48 @@ def test_a_pixel_sample_picks_the_exhaustive_choice_on_a_clear_case(tmp_path):
     sampled = search_weights(runs, per_image=48)  # a third of each 12x12 image
     np.testing.assert_allclose(sampled.weights, exact.weights)
     assert abs(sampled.in_sample - exact.in_sample) < 0.03
+
+
+def _noisy_runs(root, runs=4, seed=0, size=24, classes=4):
+    """Runs whose probabilities are a noisy softmax of the target, noisier for later runs: scores vary
+    smoothly with the weights, so the search has a real optimum to find."""
+    rng = np.random.default_rng(seed)
+    targets = {f: {f"{f}_{i}": rng.integers(0, classes, (size, size)) for i in range(4)} for f in range(3)}
+    out = []
+    for r in range(runs):
+        folds = {}
+        for f, items in targets.items():
+            folds[f] = {}
+            for k, t in items.items():
+                logits = rng.normal(0, 1.0 + 0.3 * r, (classes, size, size)) + 1.5 * (
+                    np.arange(classes)[:, None, None] == t
+                )
+                e = np.exp(logits - logits.max(0))
+                folds[f][k] = ((e / e.sum(0)).astype(np.float32), t)
+        out.append(fake_oof_run(root, f"n{r}", folds, [f"c{c}" for c in range(classes)]))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_search_scores_a_few_vectors_and_does_as_well_as_the_grid(tmp_path, seed):
+    runs = _noisy_runs(tmp_path, seed=seed)
+    grid = search_weights(runs, per_image=None, method="grid")
+    greedy = search_weights(runs, per_image=None, method="greedy")
+    assert grid.method == "grid" and greedy.method == "greedy"
+    assert len(grid.table) == len(_simplex(4, 0.1)) == 287  # 286 on the grid, and equal weights
+    assert len(greedy.table) <= 1 + 10 * 4  # equal weights, then 10 picks of 4 runs at most
+    assert greedy.in_sample >= grid.in_sample - 0.005
+    # its scores are those of a plain soft vote with the chosen weights, counted on every pixel
+    oof = OofRuns(runs)
+    direct = FoldTable(4, 255)
+    for _, fold, p, t in oof:
+        direct.add(fold, "w", combine(p, greedy.weights), t)
+    assert greedy.in_sample == pytest.approx(direct.miou("w"))
+    assert search_weights(runs, per_image=None).method == "grid"  # auto: 287 vectors fit under the limit
+    assert search_weights(runs, step=0.05, per_image=None).method == "greedy"  # 1771 do not
+
+
+def test_an_unknown_search_method_is_refused(tmp_path):
+    runs = _noisy_runs(tmp_path, runs=2)
+    with pytest.raises(ValueError, match="unknown weight search 'random'"):
+        search_weights(runs, method="random")
