@@ -34,10 +34,18 @@ CLASSES = ["Background", "General trash", "Paper", "Paper pack", "Metal", "Glass
 
 
 def fabricate(
-    out: Path, images: int, runs: int, folds: int, size: int, classes: int, seed: int = 0
+    out: Path,
+    images: int,
+    runs: int,
+    folds: int,
+    size: int,
+    classes: int,
+    seed: int = 0,
+    only: list[int] | None = None,
 ) -> list[Path]:
     """Run directories whose fold files hold ``config.yaml``, ``metrics.csv``, ``best.json`` and an
-    ``oof.npz``: targets of a few rectangles per image, each run's probabilities a noisy softmax of them."""
+    ``oof.npz``: targets of a few rectangles per image, each run's probabilities a noisy softmax of them
+    (run ``r`` drawn from its own seed, so ``only`` some runs can be made in another process)."""
     from competition.config import config_from_dict
 
     names = CLASSES[:classes] if classes <= len(CLASSES) else [f"c{i}" for i in range(classes)]
@@ -53,7 +61,8 @@ def fabricate(
     fold_of = np.arange(images) % folds
     data = {"root": str(out), "annotations": str(out / "train.json"), "folds": str(out / "folds.csv")}
     dirs, (rows, cols) = [], np.indices((size, size))
-    for r in range(runs):
+    for r in range(runs) if only is None else only:
+        rng = np.random.default_rng([seed, r])
         cfg = config_from_dict({"name": f"run{r}", "data": data, "train": {"epochs": 1}})
         noise = 1.0 + 0.3 * r
         for f in range(folds):

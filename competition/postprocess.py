@@ -24,7 +24,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 from . import provenance
 from .io import atomic_write_text
@@ -51,12 +50,25 @@ def remove_small(mask: np.ndarray, cls: int, min_pixels: int, fill: int = 0) -> 
     return out
 
 
+def enclosed(region: np.ndarray) -> np.ndarray:
+    """Pixels outside ``region`` that no 4-connected path outside it joins to the image border: the
+    pixels ``scipy.ndimage.binary_fill_holes`` adds, from one connected-components call."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats((~region).astype(np.uint8), connectivity=4)
+    height, width = region.shape
+    x, y, w, h = (
+        stats[:, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT)
+    )
+    inner = (x > 0) & (y > 0) & (x + w < width) & (y + h < height)
+    inner[0] = False  # label 0 is the region itself
+    return inner[labels]
+
+
 def fill_holes(mask: np.ndarray, cls: int, background: int = 0) -> np.ndarray:
     """``mask`` with background pixels fully enclosed by ``cls`` set to ``cls``."""
     region = mask == cls
     if not region.any():
         return mask
-    holes = ndimage.binary_fill_holes(region) & (mask == background)
+    holes = enclosed(region) & (mask == background)
     if not holes.any():
         return mask
     out = mask.copy()
@@ -116,11 +128,44 @@ def _candidates(classes: int) -> list[tuple[int, float, bool]]:
     return [(c, a, h) for c in range(1, classes) for h in (False, True) for a in AREAS]
 
 
-def _apply(mask: np.ndarray, candidate: tuple[int, float, bool]) -> np.ndarray:
-    c, area, holes = candidate
-    if area > 0:
-        mask = remove_small(mask, c, int(round(area * mask.size)))
-    return fill_holes(mask, c) if holes else mask
+def _outcomes(
+    pred: np.ndarray, target: np.ndarray, cls: int, plain: np.ndarray, ignore_index: int | None
+) -> dict[tuple[float, bool], np.ndarray]:
+    """Confusion counts of ``pred`` after each ``(min_area, fill_holes)`` setting of class ``cls`` (as
+    ``PostProcess`` applies them: small components removed, then holes filled). Components are found once;
+    each setting's counts are ``plain``'s corrected on the pixels it changes. Empty when ``cls`` is absent
+    (every setting leaves ``pred`` as it is)."""
+    binary = pred == cls
+    if not binary.any():
+        return {}
+    classes = len(plain)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    out: dict[tuple[float, bool], np.ndarray] = {}
+    done: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}  # by the components removed
+
+    def corrected(after: np.ndarray) -> np.ndarray:
+        changed = after != pred
+        if not changed.any():
+            return plain
+        t = target[changed]
+        return (
+            plain
+            - confusion(pred[changed], t, classes, ignore_index)
+            + confusion(after[changed], t, classes, ignore_index)
+        )
+
+    for area in AREAS:
+        min_pixels = int(round(area * pred.size))
+        small = stats[:, cv2.CC_STAT_AREA] < min_pixels if min_pixels > 1 else np.zeros(count, bool)
+        small[0] = False  # label 0 is everything that is not the class
+        key = tuple(np.flatnonzero(small))
+        if key not in done:
+            removed = small[labels]
+            after = np.where(removed, 0, pred).astype(pred.dtype)
+            filled = np.where(enclosed(binary & ~removed) & (after == 0), cls, after).astype(pred.dtype)
+            done[key] = corrected(after), corrected(filled)
+        out[(area, False)], out[(area, True)] = done[key]
+    return out
 
 
 @dataclass
@@ -150,22 +195,25 @@ def tune(
     oof = OofRuns(runs, allow_partial)
     names, classes = oof.class_names, oof.num_classes
     candidates = _candidates(classes)
+    per_class = len(candidates) // max(1, classes - 1)
     folds = nested_folds(oof)
     bases = {None: weights} | {f: (fold_weights or {}).get(f, weights) for f in folds}
     # one candidate table per distinct weight vector; base f's choice leaves fold f out of it
     keys = {b: _weights_key(w) for b, w in bases.items()}
     tables = {k: FoldTable(classes, oof.ignore_index) for k in set(keys.values())}
     votes = {k: bases[next(b for b in bases if keys[b] == k)] for k in tables}
+    # one pass: each image's votes are kept (one byte a pixel) for the final scoring of the choices
+    dtype, kept = np.min_scalar_type(classes - 1), []
     for _, fold, probs, target in oof:
+        preds = {}
         for k, table in tables.items():
-            pred = combine(probs, votes[k])
+            pred = preds[k] = combine(probs, votes[k]).astype(dtype)
             plain = confusion(pred, target, classes, oof.ignore_index)
-            for cand in candidates:
-                changed = _apply(pred, cand)
-                if changed is pred:  # nothing changes for this class here: the plain argmax's counts
-                    table.add_counts(fold, cand, plain)
-                else:
-                    table.add(fold, cand, changed, target)
+            for c in range(1, classes):
+                outcomes = _outcomes(pred, target, c, plain, oof.ignore_index)
+                for cand in candidates[(c - 1) * per_class : c * per_class]:
+                    table.add_counts(fold, cand, outcomes.get(cand[1:], plain))
+        kept.append((fold, target, preds))
 
     def choose(without: int | None) -> PostProcess:
         pp = PostProcess(names)
@@ -180,11 +228,11 @@ def tune(
 
     chosen, per_fold = choose(None), {f: choose(f) for f in folds}
     final = FoldTable(classes, oof.ignore_index)
-    for _, fold, probs, target in oof:
-        pred = combine(probs, weights)
+    for fold, target, preds in kept:
+        pred = preds[keys[None]]
         final.add(fold, "plain", pred, target)
         final.add(fold, "in", chosen(pred), target)
-        final.add(fold, "nested", per_fold[fold](combine(probs, bases[fold])), target)
+        final.add(fold, "nested", per_fold[fold](preds[keys[fold]]), target)
     scores = {name: final.miou(name) for name in ("plain", "in", "nested")}
     chosen.scores = {"oof_miou_plain": scores["plain"], "oof_miou_in_sample": scores["in"]}
     chosen.scores["oof_miou_nested"] = scores["nested"]

@@ -11,7 +11,8 @@ from competition.cli import main
 from competition.config import ConfigError, config_from_dict
 from competition.data.splits import build_datasets
 from competition.ensemble import search_weights
-from competition.postprocess import PostProcess, fill_holes, remove_small, tune
+from competition.metrics import confusion
+from competition.postprocess import AREAS, PostProcess, _outcomes, enclosed, fill_holes, remove_small, tune
 from competition.scores import audit_table
 from competition.voting import class_weights, combine
 
@@ -41,6 +42,47 @@ def test_fill_holes_fills_enclosed_background_only():
     out = fill_holes(mask, 2)
     assert out[4, 4] == 1 and out[3, 3] == 2 and (out[3:6, 3:6] != 0).all()
     assert (out[0, 7:9] == 0).all() and (out == 0).sum() == (mask == 0).sum() - 8
+
+
+def test_enclosed_pixels_are_what_scipy_fill_holes_adds():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for density in (0.3, 0.5, 0.7):
+        region = ndimage.binary_opening(
+            rng.random((40, 50)) < density
+        )  # blobs with holes, some at the border
+        expected = ndimage.binary_fill_holes(region) & ~region
+        np.testing.assert_array_equal(enclosed(region), expected)
+        assert expected.any() or density < 0.5
+
+
+def test_each_tuning_candidate_counts_what_applying_it_gives():
+    """The tuner corrects the plain confusion counts on the changed pixels; applying the setting with
+    ``PostProcess`` and counting afresh must give the same matrix, for every setting and class."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    names = ["bg", "a", "b"]
+    for _ in range(3):
+        pred = (ndimage.binary_opening(rng.random((64, 64)) < 0.6) * rng.integers(1, 3, (64, 64))).astype(
+            np.uint8
+        )
+        pred[rng.random(pred.shape) < 0.01] = 1  # specks of 1 px
+        target = np.where(rng.random(pred.shape) < 0.8, pred, rng.integers(0, 3, pred.shape))
+        target[0, :5] = 255
+        plain = confusion(pred, target, 3, 255)
+        for cls in (1, 2):
+            outcomes = _outcomes(pred, target, cls, plain, 255)
+            for area in AREAS:
+                for holes in (False, True):
+                    pp = PostProcess(names, min_area={names[cls]: area}, fill_holes={names[cls]: holes})
+                    expected = confusion(pp(pred), target, 3, 255)
+                    np.testing.assert_array_equal(
+                        outcomes[(area, holes)], expected, err_msg=f"{cls} {area} {holes}"
+                    )
+        assert any(not np.array_equal(m, plain) for m in outcomes.values())
+    assert _outcomes(np.zeros((8, 8), np.uint8), np.zeros((8, 8)), 1, plain, 255) == {}  # class absent
 
 
 def test_postprocess_settings_are_fractions_of_the_image_and_belong_to_their_classes(tmp_path):
