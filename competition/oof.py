@@ -149,14 +149,19 @@ class OofRuns:
         return len(self.tables[0])
 
     def __iter__(self) -> Iterator[tuple[str, int, list[np.ndarray], np.ndarray]]:
-        for key, (fold, first) in self.tables[0].items():
-            probs = [table[key][1][f"pred__{key}"] for table in self.tables]
-            if any(p.ndim != 3 for p in probs):
-                raise CheckpointError(
-                    "OOF predictions were saved as argmax (train.oof=argmax); need probabilities"
-                )
-            if len({p.shape for p in probs}) > 1:
-                raise CheckpointError(
-                    f"OOF maps of image {key} differ in size across runs: {[p.shape for p in probs]}"
-                )
-            yield key, fold, probs, first[f"target__{key}"]
+        for key in self.tables[0]:
+            yield key, *self.read(key)
+
+    def read(self, key: str) -> tuple[int, list[np.ndarray], np.ndarray]:
+        """``(fold, [probs of each run], target)`` of one image, decompressing only its maps."""
+        fold, first = self.tables[0][key]
+        probs = [table[key][1][f"pred__{key}"] for table in self.tables]
+        if any(p.ndim != 3 for p in probs):
+            raise CheckpointError(
+                "OOF predictions were saved as argmax (train.oof=argmax); need probabilities"
+            )
+        if len({p.shape for p in probs}) > 1:
+            raise CheckpointError(
+                f"OOF maps of image {key} differ in size across runs: {[p.shape for p in probs]}"
+            )
+        return fold, probs, first[f"target__{key}"]

@@ -26,7 +26,7 @@ from .checkpoint import fold_dirs, read_best_meta, read_run_config
 from .data.splits import data_files
 from .io import atomic_write_text, check_writable
 from .metrics import iou_of
-from .scores import audit_table, score_oof, write_gallery
+from .scores import score_oof, write_gallery
 from .submission import class_pixel_counts
 
 STYLE = """
@@ -163,9 +163,10 @@ def confusion_figure(matrix: np.ndarray, names: list[str], title: str) -> str:
     return _png(fig)
 
 
-def worst_images(runs: Sequence[Path], count: int, weights: Any, allow_partial: bool) -> str:
-    files, root = data_files(read_run_config(fold_dirs(runs[0])[0]))
-    table = audit_table(runs, files, weights, allow_partial)
+def worst_images(
+    runs: Sequence[Path], table: pd.DataFrame, root: Path, count: int, weights: Any, allow_partial: bool
+) -> str:
+    """The ``count`` worst rows of the audit ``table`` and their gallery panels (only those decompressed)."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_gallery(runs, table, root, Path(tmp), count, weights, allow_partial)
         images = "".join(_img(p.read_bytes(), p.stem) for p in paths)
@@ -205,8 +206,9 @@ def build_report(
     out = check_writable(out, overwrite)
     runs = [Path(r) for r in runs]
     title = "Run report: " + ", ".join(r.name for r in runs)
-    # one pass over the OOF files: the OOF table and the confusion matrices
-    scores = score_oof(runs, weights, allow_partial)
+    # one pass over the OOF files: the OOF table, the confusion matrices and the audit ranking
+    files, root = data_files(read_run_config(fold_dirs(runs[0])[0]))  # the data the runs trained on
+    scores = score_oof(runs, weights, allow_partial, files)
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="note">written {datetime.datetime.now():%Y-%m-%d %H:%M} from '
@@ -233,7 +235,7 @@ def build_report(
         f"<h2>Worst {worst} OOF images</h2>",
         '<p class="note">Ranked by the mean cross-entropy of the label under the OOF prediction '
         "(<code>competition audit</code> lists every image).</p>",
-        worst_images(runs, worst, weights, allow_partial),
+        worst_images(runs, scores.audit, root, worst, weights, allow_partial),
     ]
     if submission is not None:
         train_pixels = matrices[combined].sum(1)

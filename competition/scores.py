@@ -22,7 +22,7 @@ from .data.stats import save_panels
 from .metrics import miou_of
 from .oof import OofRuns
 from .tuning import FoldTable
-from .voting import class_weights, combine, soft_scores
+from .voting import class_weights, hard_vote, soft_scores
 
 
 @dataclass
@@ -34,6 +34,7 @@ class OofScores:
     runs: list[str]
     votes: list[str]  # [soft vote name, "hard vote"] with several runs, else empty
     class_names: list[str]
+    audit: pd.DataFrame | None = None  # with ``files``: every image ranked as ``audit_table`` ranks them
 
     def frame(self) -> pd.DataFrame:
         """mIoU and pixel accuracy of each run per fold and over all folds, and of the votes overall."""
@@ -49,21 +50,28 @@ def score_oof(
     runs: Sequence[str | os.PathLike],
     weights: np.ndarray | Sequence[float] | None = None,
     allow_partial: bool = False,
+    files: Mapping[str, str] | None = None,
 ) -> OofScores:
-    """The ``OofScores`` of ``runs`` (per-run or per-run-and-class ``weights`` for the votes)."""
+    """The ``OofScores`` of ``runs`` (per-run or per-run-and-class ``weights`` for the votes). With ``files``
+    (image id -> file name) the same pass also ranks every image as ``audit_table`` does."""
     oof = OofRuns(runs, allow_partial)
     w = class_weights(weights, len(oof.runs), oof.num_classes)
     per_class = weights is not None and np.ndim(weights) == 2
     soft = "soft vote " + ("per-class weights" if per_class else "+".join(f"{x:.2f}" for x in w[:, 0]))
     votes = [soft, "hard vote"] if len(oof.runs) > 1 else []
-    table = FoldTable(oof.num_classes, oof.ignore_index)
-    for _, fold, probs, target in oof:
-        for run, p in zip(oof.runs, probs):
-            table.add(fold, run.name, p.argmax(0), target)
+    table, rows = FoldTable(oof.num_classes, oof.ignore_index), []
+    for key, fold, probs, target in oof:
+        labels = [p.argmax(0) for p in probs]
+        for run, label in zip(oof.runs, labels):
+            table.add(fold, run.name, label, target)
+        scores = soft_scores(probs, w) if votes or files is not None else None
         if votes:
-            table.add(fold, soft, combine(probs, w), target)
-            table.add(fold, "hard vote", combine(probs, w, "hard"), target)
-    return OofScores(table, [r.name for r in oof.runs], votes, oof.class_names)
+            table.add(fold, soft, scores.argmax(0), target)
+            table.add(fold, "hard vote", hard_vote(labels, scores, w), target)
+        if files is not None:
+            rows.append(_audit_row(key, fold, files, scores, target, oof))
+    audit = None if files is None else _ranked(rows)
+    return OofScores(table, [r.name for r in oof.runs], votes, oof.class_names, audit)
 
 
 def evaluate_oof(
@@ -97,7 +105,7 @@ def image_scores(probs: np.ndarray, target: np.ndarray, names: Sequence[str], ig
     if not valid.any():
         return {"score": 0.0, "pixel_error": 0.0, "top_confusion": ""}
     t = target[valid].astype(np.int64)
-    p_true = np.take_along_axis(probs[:, valid], t[None], axis=0)[0]
+    p_true = np.take_along_axis(probs, np.where(valid, target, 0).astype(np.int64)[None], axis=0)[0][valid]
     wrong = pred[valid] != t
     confusion = ""
     if wrong.any():
@@ -120,11 +128,17 @@ def audit_table(
     """Every OOF image with its scores and file name (``files``: image id -> file name), worst first
     (``rank`` 1 = most suspicious)."""
     oof = OofRuns(runs, allow_partial)
-    rows = []
-    for key, fold, probs, target in oof:
-        p = soft_scores(probs, weights)
-        rows.append({"image_id": key, "file_name": files[key], "fold": fold})
-        rows[-1] |= image_scores(p, target, oof.class_names, oof.ignore_index)
+    return _ranked([_audit_row(k, f, files, soft_scores(p, weights), t, oof) for k, f, p, t in oof])
+
+
+def _audit_row(
+    key: str, fold: int, files: Mapping[str, str], scores: np.ndarray, target: np.ndarray, oof: OofRuns
+) -> dict:
+    row = {"image_id": key, "file_name": files[key], "fold": fold}
+    return row | image_scores(scores, target, oof.class_names, oof.ignore_index)
+
+
+def _ranked(rows: list[dict]) -> pd.DataFrame:
     table = pd.DataFrame(rows).sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     return table
@@ -142,12 +156,9 @@ def write_gallery(
     """Image | label | OOF prediction panels of the first ``count`` rows of ``table`` (images under
     ``root``; a missing image leaves its panel out)."""
     oof = OofRuns(runs, allow_partial)
-    wanted = dict(zip(table["image_id"].head(count), table.head(count).itertuples()))
     written = []
-    for key, _, probs, target in oof:
-        if key not in wanted:
-            continue
-        row = wanted[key]
+    for row in table.head(count).itertuples():  # only the drawn images are decompressed
+        _, probs, target = oof.read(str(row.image_id))
         path = root / row.file_name
         image = read_image(path) if path.is_file() else None
         if image is not None and image.shape[:2] != target.shape:

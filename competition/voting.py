@@ -16,13 +16,12 @@ def soft_scores(
 ) -> np.ndarray:
     """``sum_r w[r, c] p_r[c]`` of members' probabilities ``[C, ...]``; ``weights`` per member or per member
     and class (see ``class_weights``). With per-member weights this is their weighted mean."""
-    stack = np.stack([p.astype(np.float32) for p in probs])  # [R, C, ...]
-    return _weighted_sum(stack, class_weights(weights, len(probs), stack.shape[1]))
-
-
-def _weighted_sum(stack: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``sum_r w[r, c] stack[r, c]`` of a ``[R, C, ...]`` stack and ``[R, C]`` weights."""
-    return np.einsum("rc,rc...->c...", w, stack)
+    w = class_weights(weights, len(probs), probs[0].shape[0]).astype(np.float32)
+    shape = (-1,) + (1,) * (probs[0].ndim - 1)
+    total = np.zeros(probs[0].shape, np.float32)
+    for r, p in enumerate(probs):  # member by member: no [R, C, ...] float32 stack
+        total += w[r].reshape(shape) * p
+    return total
 
 
 def class_weights(weights: np.ndarray | Sequence[float] | None, members: int, classes: int) -> np.ndarray:
@@ -47,15 +46,21 @@ def combine(probs: Sequence[np.ndarray], weights: np.ndarray | None = None, vote
         return soft_scores(probs, weights).argmax(0)
     if vote != "hard":
         raise ValueError(f"vote must be 'soft' or 'hard', got {vote!r}")
-    stack = np.stack([p.astype(np.float32) for p in probs])  # [R, C, H, W]
-    w = class_weights(weights, len(probs), stack.shape[1])
-    votes = np.zeros(stack.shape[1:], np.float64)
-    for r, member in enumerate(stack):
-        label = member.argmax(0)
-        for c in range(stack.shape[1]):
+    return hard_vote([p.argmax(0) for p in probs], soft_scores(probs, weights), weights)
+
+
+def hard_vote(
+    labels: Sequence[np.ndarray], soft: np.ndarray, weights: np.ndarray | Sequence[float] | None = None
+) -> np.ndarray:
+    """The hard vote of ``combine`` from the members' argmax maps ``labels`` and their soft scores ``soft``
+    ``[C, ...]`` (``soft_scores``), for callers that have both already."""
+    w = class_weights(weights, len(labels), soft.shape[0])
+    votes = np.zeros(soft.shape, np.float64)
+    for r, label in enumerate(labels):
+        for c in range(soft.shape[0]):
             votes[c] += w[r, c] * (label == c)
     top = votes.max(0, keepdims=True)
-    return np.where(np.isclose(votes, top), _weighted_sum(stack, w), -1.0).argmax(0)
+    return np.where(np.isclose(votes, top), soft, -1.0).argmax(0)
 
 
 def vote_mask(
