@@ -291,7 +291,7 @@ class TrainConfig(_Section):
     deterministic: bool = False
     checkpoint_every: int = Field(default=1, ge=1)
     oof: Literal["probs", "argmax", "none"] = "probs"
-    oof_size: int | None = Field(default=None, ge=8)
+    oof_size: int | None = Field(default=256, ge=8)  # OOF maps larger than this are resized; null: native
     progress: bool = True
     loggers: list[Literal["csv", "tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["csv"])
 

@@ -32,8 +32,9 @@ OOF_FILE = "oof.npz"
 class OofWriter:
     """Streams one fold's out-of-fold predictions into an ``.npz`` (module docstring for the keys).
 
-    ``add`` takes probabilities (``runtime.to_probs``). With ``size`` the maps are resized to ``size x size``
-    (bilinear probabilities, nearest targets) to keep files small; OOF scores then need no access to the data.
+    ``add`` takes probabilities (``runtime.to_probs``). With ``size`` (``train.oof_size``, 256 by default: the
+    Boostcamp submission size) maps larger than that are resized to ``size x size`` (bilinear probabilities,
+    nearest targets) to keep files small; OOF scores then need no access to the data.
     """
 
     def __init__(
@@ -58,7 +59,7 @@ class OofWriter:
 
     def add(self, batch: dict[str, Any], probs: torch.Tensor) -> None:
         masks = batch["mask"].to(probs.device)
-        if self.size is not None:
+        if self.size is not None and max(probs.shape[-2:]) > self.size:  # shrunk, never enlarged
             probs = F.interpolate(probs, size=(self.size, self.size), mode="bilinear", align_corners=False)
             masks = F.interpolate(masks[:, None].float(), size=(self.size, self.size), mode="nearest")
             masks = masks[:, 0].long()

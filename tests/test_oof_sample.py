@@ -114,3 +114,19 @@ def test_an_unknown_search_method_is_refused(tmp_path):
     runs = _noisy_runs(tmp_path, runs=2)
     with pytest.raises(ValueError, match="unknown weight search 'random'"):
         search_weights(runs, method="random")
+
+
+def test_oof_maps_are_shrunk_to_the_submission_size_by_default_never_enlarged(tmp_path):
+    import torch
+
+    from competition.config import TrainConfig
+    from competition.oof import OofWriter
+
+    assert TrainConfig().oof_size == 256  # the Boostcamp submission size; null keeps the native size
+    with OofWriter(tmp_path / "oof.npz", "probs", 16, ["bg", "a"], 0, 255) as writer:
+        for key, side in (("big", 32), ("small", 8)):
+            probs = torch.rand(1, 2, side, side).softmax(1)
+            writer.add({"image_id": [key], "mask": torch.ones(1, side, side, dtype=torch.long)}, probs)
+    data = np.load(tmp_path / "oof.npz")
+    assert data["pred__big"].shape == (2, 16, 16) and data["target__big"].shape == (16, 16)
+    assert data["pred__small"].shape == (2, 8, 8) and data["target__small"].shape == (8, 8)
