@@ -2,10 +2,13 @@
 ``OofWriter`` (any image count, run count, fold count, size and class count), then every tool timed in a
 forked child with its CPU seconds and peak RSS.
 
-Tools: ``evaluate`` (``scores.evaluate_oof``), ``search`` (``ensemble.search_weights``, sampled pixels, the
-default), ``search_exhaustive`` (the search as it was before the pixel sample: every weight vector re-votes
+Tools: ``read`` (one pass that only decompresses: the floor of every tool), ``evaluate``
+(``scores.evaluate_oof``), ``search`` (``ensemble.search_weights``, sampled pixels, the default method:
+greedy beyond 300 grid vectors), ``search_grid`` / ``search_greedy`` (one method forced),
+``search_exhaustive`` (the search as it was before the pixel sample: every weight vector re-votes
 every image, timed on ``--exhaustive-images`` images and extrapolated), ``search_per_class``, ``tune``
-(``postprocess.tune``) and ``audit`` (``scores.audit_table``). ``--compare`` also runs the exact search
+(``postprocess.tune``), ``audit`` (``audit.run_audit``: table and gallery) and ``report``
+(``report.build_report``). ``--compare`` also runs the exact search
 (every pixel, ``per_image=None``), to see whether the sampled search chose the same weights; it holds every
 pixel of every run in memory, so use it at a few hundred images, not at 3272.
 
@@ -21,6 +24,7 @@ import platform
 import resource
 import shutil
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +73,8 @@ def fabricate(
             d = out / f"run{r}" / f"fold{f}"
             d.mkdir(parents=True, exist_ok=True)
             (d / "config.yaml").write_text(cfg.to_yaml())
-            (d / "metrics.csv").write_text("epoch,miou\n1,0.5\n")
             (d / "best.json").write_text(json.dumps({"fold": f, "classes": names}))
+            _records(d)
             with OofWriter(d / "oof.npz", "probs", None, names, f, 255) as writer:
                 for i in np.flatnonzero(fold_of == f):
                     logits = rng.normal(0, noise, (classes, size, size)).astype(np.float32)
@@ -79,6 +83,13 @@ def fabricate(
                     writer.add({"image_id": [str(i)], "mask": torch.from_numpy(targets[i])[None]}, probs)
         dirs.append(out / f"run{r}")
     return dirs
+
+
+def _records(fold_dir: Path) -> None:
+    """A one-epoch ``metrics.csv`` with the columns the report plots, and the best epoch in ``best.json``."""
+    (fold_dir / "metrics.csv").write_text("epoch,train_loss,val_loss,miou,lr\n1,0.9,0.8,0.5,0.001\n")
+    best = json.loads((fold_dir / "best.json").read_text())
+    (fold_dir / "best.json").write_text(json.dumps(best | {"epoch": 1, "miou": 0.5}))
 
 
 def _exhaustive(runs: list[Path], limit: int) -> int:
@@ -99,25 +110,53 @@ def _exhaustive(runs: list[Path], limit: int) -> int:
     return len(oof)
 
 
-def _tool(name: str, runs: list[Path], args: argparse.Namespace) -> dict:
-    from competition.ensemble import search_weights
-    from competition.postprocess import tune
-    from competition.scores import audit_table, evaluate_oof
+def _coco(root: Path, images: int, classes: int) -> None:
+    """The ``train.json`` the fabricated runs' config names: images and categories, no annotations (the
+    audit and the report read file names from it; the images themselves are absent, so panels show the
+    label and the prediction only)."""
+    if (root / "train.json").is_file():
+        return
+    coco = {
+        "images": [{"id": i, "file_name": f"{i}.jpg", "width": 256, "height": 256} for i in range(images)],
+        "categories": [{"id": c, "name": n} for c, n in enumerate(CLASSES[1:classes], start=1)],
+        "annotations": [],
+    }
+    (root / "train.json").write_text(json.dumps(coco))
 
+
+def _tool(name: str, runs: list[Path], args: argparse.Namespace) -> dict:
+    from competition.audit import run_audit
+    from competition.ensemble import search_weights
+    from competition.oof import OofRuns
+    from competition.postprocess import tune
+    from competition.report import build_report
+    from competition.scores import evaluate_oof
+
+    out = args.out / "outputs"
+    if name == "read":  # the floor of any tool: one pass that only decompresses every map
+        return {"images": sum(1 for _ in OofRuns(runs))}
     if name == "evaluate":
         return {"miou": float(evaluate_oof(runs)["miou"].iloc[-1])}
-    if name in ("search", "search_exact"):
-        found = search_weights(runs, per_image=args.per_image if name == "search" else None)
-        return {"weights": np.round(found.weights, 3).tolist(), "in": found.in_sample, "nested": found.nested}
+    if name in ("search", "search_grid", "search_greedy", "search_exact"):
+        method = {"search_grid": "grid", "search_greedy": "greedy"}.get(name, "auto")
+        found = search_weights(
+            runs, per_image=None if name == "search_exact" else args.per_image, method=method
+        )
+        weights = np.round(found.weights, 3).tolist()
+        return {"method": found.method, "weights": weights, "tried": len(found.table),
+                "in": found.in_sample, "nested": found.nested}  # fmt: skip
     if name == "search_per_class":
         found = search_weights(runs, per_class=True, per_image=args.per_image)
-        return {"in": found.in_sample, "nested": found.nested}
+        return {"method": found.method, "in": found.in_sample, "nested": found.nested}
     if name == "search_exhaustive":
         return {"images_timed": _exhaustive(runs, args.exhaustive_images)}
     if name == "tune":
         return {"nested": tune(runs).nested}
     if name == "audit":
-        return {"rows": len(audit_table(runs, {str(i): f"{i}.jpg" for i in range(args.images)}))}
+        table, gallery = run_audit(runs, out / "audit", overwrite=True)
+        return {"rows": len(table), "gallery": len(gallery)}
+    if name == "report":
+        return {"bytes": build_report(runs, out / "report.html", overwrite=True).stat().st_size}
     raise ValueError(name)
 
 
@@ -125,7 +164,11 @@ def _child(name: str, runs: list[Path], args: argparse.Namespace, queue: multipr
     torch.set_num_threads(args.threads)
     start = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter()
-    result = _tool(name, runs, args)
+    try:
+        result = _tool(name, runs, args)
+    except Exception:  # the parent reports it and goes on with the next tool
+        queue.put({"tool": name, "error": traceback.format_exc().strip().splitlines()[-1]})
+        raise
     end = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (end.ru_utime - start.ru_utime) + (end.ru_stime - start.ru_stime)
     queue.put({"tool": name, "cpu_s": cpu, "wall_s": time.perf_counter() - wall,
@@ -143,7 +186,10 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=11)
     parser.add_argument("--per-image", type=int, default=2048, help="pixels sampled per image by the search")
     parser.add_argument("--exhaustive-images", type=int, default=20, help="images the old search is timed on")
-    parser.add_argument("--tools", default="evaluate,search,search_exhaustive,search_per_class,tune,audit")
+    parser.add_argument(
+        "--tools",
+        default="read,evaluate,search,search_grid,search_exhaustive,search_per_class,tune,audit,report",
+    )
     parser.add_argument("--compare", action="store_true", help="also the exact search (every pixel)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("/tmp/oof_scale"))
@@ -159,6 +205,9 @@ def main() -> None:
         runs = fabricate(root, args.images, args.runs, args.folds, args.size, args.classes)
     else:
         runs = sorted(p for p in root.glob("run*") if p.is_dir())
+        for fold_dir in root.glob("run*/fold*"):
+            _records(fold_dir)  # files made before the report was timed had fewer fields
+    _coco(root, args.images, args.classes)
     gb = sum(f.stat().st_size for f in root.rglob("oof.npz")) / 2**30
     print(f"OOF files: {shape}, {gb:.2f} GB ({time.perf_counter() - started:.0f} s to make)", flush=True)
     runs = runs[: args.use_runs or len(runs)]
@@ -169,8 +218,8 @@ def main() -> None:
         queue = ctx.Queue()
         child = ctx.Process(target=_child, args=(name, runs, args, queue))
         child.start()
-        row = queue.get()
         child.join()
+        row = queue.get() if not queue.empty() else {"tool": name, "error": f"exit code {child.exitcode}"}
         if name == "search_exhaustive":  # extrapolated to every image
             row["cpu_s_all_images"] = row["cpu_s"] * args.images / max(1, row["images_timed"])
         rows.append(row)
