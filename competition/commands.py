@@ -202,7 +202,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .ensemble import save_weights, search_weights
     from .oof import OofRuns
-    from .scores import evaluate_oof
+    from .postprocess import Tuner
+    from .scores import OofScorer
 
     weights, fold_weights = _floats(args.weights), None
     table = lambda frame: frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")  # noqa: E731
@@ -224,11 +225,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             settings = {"step": args.step, "per_class": args.per_class, "search": found.method}
             save_weights(args.save_weights, found, OofRuns(args.runs, partial), args.overwrite, **settings)
             print(f"weights: {args.save_weights}")
-    print(table(evaluate_oof(args.runs, weights, partial)))
-    if args.tune_postprocess:
-        from .postprocess import tune
-
-        tuned = tune(args.runs, weights, fold_weights, partial)
+    oof = OofRuns(args.runs, partial)
+    scorer = OofScorer(oof, weights)
+    tuner = Tuner(oof, weights, fold_weights) if args.tune_postprocess else None
+    for item in oof:  # one pass: the OOF table and the post-processing candidates
+        scorer.add(*item)
+        if tuner is not None:
+            tuner.add(*item)
+    print(table(scorer.result().frame()))
+    if tuner is not None:
+        tuned = tuner.result()
         tuned.postprocess.save(args.tune_postprocess, args.overwrite)
         pp = tuned.postprocess
         print(

@@ -193,59 +193,80 @@ def tune(
     with settings tuned, on the other folds, on the vote of fold f's weights: neither choice saw fold f.
     """
     oof = OofRuns(runs, allow_partial)
-    names, classes = oof.class_names, oof.num_classes
-    candidates = _candidates(classes)
-    per_class = len(candidates) // max(1, classes - 1)
-    folds = nested_folds(oof)
-    bases = {None: weights} | {f: (fold_weights or {}).get(f, weights) for f in folds}
-    # one candidate table per distinct weight vector; base f's choice leaves fold f out of it
-    keys = {b: _weights_key(w) for b, w in bases.items()}
-    tables = {k: FoldTable(classes, oof.ignore_index) for k in set(keys.values())}
-    votes = {k: bases[next(b for b in bases if keys[b] == k)] for k in tables}
-    # one pass: each image's votes are kept (one byte a pixel) for the final scoring of the choices
-    dtype, kept = np.min_scalar_type(classes - 1), []
-    for _, fold, probs, target in oof:
-        preds = {}
-        for k, table in tables.items():
-            pred = preds[k] = combine(probs, votes[k]).astype(dtype)
-            plain = confusion(pred, target, classes, oof.ignore_index)
-            for c in range(1, classes):
-                outcomes = _outcomes(pred, target, c, plain, oof.ignore_index)
-                for cand in candidates[(c - 1) * per_class : c * per_class]:
-                    table.add_counts(fold, cand, outcomes.get(cand[1:], plain))
-        kept.append((fold, target, preds))
+    tuner = Tuner(oof, weights, fold_weights)
+    for item in oof:
+        tuner.add(*item)
+    return tuner.result()
 
-    def choose(without: int | None) -> PostProcess:
+
+class Tuner:
+    """``tune`` image by image, so that one pass over the OOF files can feed it and other consumers
+    (``evaluate --tune-postprocess`` scores the OOF table in the same pass): ``add`` every image of
+    ``oof``, then ``result``."""
+
+    def __init__(
+        self,
+        oof: OofRuns,
+        weights: np.ndarray | Sequence[float] | None = None,
+        fold_weights: Mapping[int, np.ndarray] | None = None,
+    ):
+        self.oof, self.weights, self.nested_weights = oof, weights, fold_weights is not None
+        self.candidates = _candidates(oof.num_classes)
+        self.folds = nested_folds(oof)
+        self.bases = {None: weights} | {f: (fold_weights or {}).get(f, weights) for f in self.folds}
+        # one candidate table per distinct weight vector; base f's choice leaves fold f out of it
+        self.keys = {b: _weights_key(w) for b, w in self.bases.items()}
+        self.tables = {k: FoldTable(oof.num_classes, oof.ignore_index) for k in set(self.keys.values())}
+        self.votes = {k: self.bases[next(b for b in self.bases if self.keys[b] == k)] for k in self.tables}
+        # each image's votes are kept (one byte a pixel) for the final scoring of the choices
+        self.dtype, self.kept = np.min_scalar_type(oof.num_classes - 1), []
+
+    def add(self, key: str, fold: int, probs: list[np.ndarray], target: np.ndarray) -> None:
+        classes, preds = self.oof.num_classes, {}
+        per_class = len(self.candidates) // max(1, classes - 1)
+        for k, table in self.tables.items():
+            pred = preds[k] = combine(probs, self.votes[k]).astype(self.dtype)
+            plain = confusion(pred, target, classes, self.oof.ignore_index)
+            for c in range(1, classes):
+                outcomes = _outcomes(pred, target, c, plain, self.oof.ignore_index)
+                for cand in self.candidates[(c - 1) * per_class : c * per_class]:
+                    table.add_counts(fold, cand, outcomes.get(cand[1:], plain))
+        self.kept.append((fold, target, preds))
+
+    def _choose(self, without: int | None) -> PostProcess:
+        names = self.oof.class_names
         pp = PostProcess(names)
-        for c in range(1, classes):
-            options = [cand for cand in candidates if cand[0] == c]
-            _, area, holes = tables[keys[without]].best(options, without)
+        for c in range(1, len(names)):
+            options = [cand for cand in self.candidates if cand[0] == c]
+            _, area, holes = self.tables[self.keys[without]].best(options, without)
             if area > 0:
                 pp.min_area[names[c]] = area
             if holes:
                 pp.fill_holes[names[c]] = True
         return pp
 
-    chosen, per_fold = choose(None), {f: choose(f) for f in folds}
-    final = FoldTable(classes, oof.ignore_index)
-    for fold, target, preds in kept:
-        pred = preds[keys[None]]
-        final.add(fold, "plain", pred, target)
-        final.add(fold, "in", chosen(pred), target)
-        final.add(fold, "nested", per_fold[fold](preds[keys[fold]]), target)
-    scores = {name: final.miou(name) for name in ("plain", "in", "nested")}
-    chosen.scores = {"oof_miou_plain": scores["plain"], "oof_miou_in_sample": scores["in"]}
-    chosen.scores["oof_miou_nested"] = scores["nested"]
-    w = None if weights is None else np.asarray(weights).tolist()
-    chosen.provenance = provenance.record(
-        "postprocess",
-        oof.infos,
-        names,
-        weights=w,
-        nested_weights=fold_weights is not None,
-        partial=oof.partial,
-    )
-    return Tuned(chosen, per_fold, scores["plain"], scores["in"], scores["nested"])
+    def result(self) -> Tuned:
+        oof, keys = self.oof, self.keys
+        chosen, per_fold = self._choose(None), {f: self._choose(f) for f in self.folds}
+        final = FoldTable(oof.num_classes, oof.ignore_index)
+        for fold, target, preds in self.kept:
+            pred = preds[keys[None]]
+            final.add(fold, "plain", pred, target)
+            final.add(fold, "in", chosen(pred), target)
+            final.add(fold, "nested", per_fold[fold](preds[keys[fold]]), target)
+        scores = {name: final.miou(name) for name in ("plain", "in", "nested")}
+        chosen.scores = {"oof_miou_plain": scores["plain"], "oof_miou_in_sample": scores["in"]}
+        chosen.scores["oof_miou_nested"] = scores["nested"]
+        w = None if self.weights is None else np.asarray(self.weights).tolist()
+        chosen.provenance = provenance.record(
+            "postprocess",
+            oof.infos,
+            oof.class_names,
+            weights=w,
+            nested_weights=self.nested_weights,
+            partial=oof.partial,
+        )
+        return Tuned(chosen, per_fold, scores["plain"], scores["in"], scores["nested"])
 
 
 def _weights_key(weights: Any) -> Hashable:

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -55,23 +56,41 @@ def score_oof(
     """The ``OofScores`` of ``runs`` (per-run or per-run-and-class ``weights`` for the votes). With ``files``
     (image id -> file name) the same pass also ranks every image as ``audit_table`` does."""
     oof = OofRuns(runs, allow_partial)
-    w = class_weights(weights, len(oof.runs), oof.num_classes)
-    per_class = weights is not None and np.ndim(weights) == 2
-    soft = "soft vote " + ("per-class weights" if per_class else "+".join(f"{x:.2f}" for x in w[:, 0]))
-    votes = [soft, "hard vote"] if len(oof.runs) > 1 else []
-    table, rows = FoldTable(oof.num_classes, oof.ignore_index), []
-    for key, fold, probs, target in oof:
+    scorer = OofScorer(oof, weights, files)
+    for item in oof:
+        scorer.add(*item)
+    return scorer.result()
+
+
+class OofScorer:
+    """``score_oof`` image by image, so that one pass over the OOF files can feed other consumers too
+    (``postprocess.Tuner``): ``add`` every image of ``oof``, then ``result``."""
+
+    def __init__(self, oof: OofRuns, weights: Any = None, files: Mapping[str, str] | None = None):
+        self.oof, self.files, self.rows = oof, files, []
+        self.w = class_weights(weights, len(oof.runs), oof.num_classes)
+        per_class = weights is not None and np.ndim(weights) == 2
+        soft = "soft vote " + (
+            "per-class weights" if per_class else "+".join(f"{x:.2f}" for x in self.w[:, 0])
+        )
+        self.votes = [soft, "hard vote"] if len(oof.runs) > 1 else []
+        self.table = FoldTable(oof.num_classes, oof.ignore_index)
+
+    def add(self, key: str, fold: int, probs: list[np.ndarray], target: np.ndarray) -> None:
         labels = [p.argmax(0) for p in probs]
-        for run, label in zip(oof.runs, labels):
-            table.add(fold, run.name, label, target)
-        scores = soft_scores(probs, w) if votes or files is not None else None
-        if votes:
-            table.add(fold, soft, scores.argmax(0), target)
-            table.add(fold, "hard vote", hard_vote(labels, scores, w), target)
-        if files is not None:
-            rows.append(_audit_row(key, fold, files, scores, target, oof))
-    audit = None if files is None else _ranked(rows)
-    return OofScores(table, [r.name for r in oof.runs], votes, oof.class_names, audit)
+        for run, label in zip(self.oof.runs, labels):
+            self.table.add(fold, run.name, label, target)
+        scores = soft_scores(probs, self.w) if self.votes or self.files is not None else None
+        if self.votes:
+            self.table.add(fold, self.votes[0], scores.argmax(0), target)
+            self.table.add(fold, "hard vote", hard_vote(labels, scores, self.w), target)
+        if self.files is not None:
+            self.rows.append(_audit_row(key, fold, self.files, scores, target, self.oof))
+
+    def result(self) -> OofScores:
+        audit = None if self.files is None else _ranked(self.rows)
+        names = [r.name for r in self.oof.runs]
+        return OofScores(self.table, names, self.votes, self.oof.class_names, audit)
 
 
 def evaluate_oof(

@@ -130,3 +130,22 @@ def test_oof_maps_are_shrunk_to_the_submission_size_by_default_never_enlarged(tm
     data = np.load(tmp_path / "oof.npz")
     assert data["pred__big"].shape == (2, 16, 16) and data["target__big"].shape == (16, 16)
     assert data["pred__small"].shape == (2, 8, 8) and data["target__small"].shape == (8, 8)
+
+
+def test_evaluate_searches_weights_and_tunes_in_two_passes_over_the_oof_files(tmp_path, monkeypatch, capsys):
+    from competition.cli import main
+    from competition.postprocess import tune
+
+    runs = _noisy_runs(tmp_path, runs=2)
+    found = search_weights(runs)
+    expected = tune(runs, found.weights, found.fold_weights)
+    reads = []
+    original = OofRuns.read
+    monkeypatch.setattr(OofRuns, "read", lambda self, key: reads.append(key) or original(self, key))
+    pp = tmp_path / "pp.json"
+    args = ["evaluate", "--runs", *map(str, runs), "--search-weights", "--tune-postprocess", str(pp)]
+    assert main(args) == 0
+    assert len(reads) == 2 * 12  # the weight search's sample, then the OOF table and the tuning together
+    out = capsys.readouterr().out
+    assert f"{expected.nested:.4f} nested -> {pp}" in out
+    assert f"post-processed {expected.in_sample:.4f} in-sample" in out
