@@ -155,12 +155,13 @@ def fold_dirs(path: str | os.PathLike) -> list[Path]:
 
 
 RESUME_CHECKED = ("data", "model", "loss", "optimizer", "scheduler", "augment")
-RESUME_CHECKED_TRAIN = ("batch_size", "accum_steps", "seed", "epochs")
+RESUME_CHECKED_TRAIN = ("batch_size", "accum_steps", "seed")
 
 
 def check_resumable(cfg: Config, saved: Config, run_dir: str | os.PathLike) -> None:
     """Resuming with another model, loss, optimizer or data would silently train something else: refuse,
-    listing the keys that differ from the run's ``config.yaml``."""
+    listing the keys that differ from the run's ``config.yaml``. More epochs extend the run; fewer are
+    refused."""
     changed = [
         f"{section}.{k}"
         for section in RESUME_CHECKED
@@ -174,4 +175,9 @@ def check_resumable(cfg: Config, saved: Config, run_dir: str | os.PathLike) -> N
         raise ConfigError(
             f"cannot resume {run_dir}: the config differs from its config.yaml in {changed}; resume with the "
             "same settings or start over with --overwrite"
+        )
+    if cfg.train.epochs < saved.train.epochs:
+        raise ConfigError(
+            f"cannot resume {run_dir} with train.epochs={cfg.train.epochs}: it was planned for "
+            f"{saved.train.epochs} epochs; a run can be extended (more epochs), not shortened"
         )

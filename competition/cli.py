@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -91,9 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         "model.encoder_name=efficientnet-b0 model.params.cgm=false. Multi-GPU: "
         "torchrun --nproc_per_node N -m competition.cli train ...",
     )
-    p.add_argument("--config", required=True, help="YAML file, or a shipped config's name (e.g. tiny_cpu)")
+    p.add_argument("--config", help="YAML file, or a shipped config's name (e.g. tiny_cpu)")
     p.add_argument("--fold", default="all", help="fold number, comma-separated numbers, or 'all'")
-    p.add_argument("--resume", action="store_true", help="continue from each fold's last.ckpt")
+    p.add_argument(
+        "--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+        help="continue from each fold's last.ckpt. With RUN_DIR (runs/<name>) the run's own config.yaml is "
+        "used: no --config, and overrides only for train.epochs (larger: extends the run) and settings that "
+        "keep the resume exact (train.workers, device, progress, loggers, val_batch_size, checkpoint_every)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=commands.cmd_train)
@@ -321,20 +329,37 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
             print(f"warning: {text.strip()}", file=sys.stderr)
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a killed job, a kernel's time limit) stops like Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides may come after flags: `train --resume runs/a train.epochs=20 --fold 1 key=value`
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 2
-    with warnings.catch_warnings():
-        warnings.showwarning = _print_warning
-        return _run(args)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_warning
+            return _run(args)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # `train` says where it stopped and how to continue (commands.cmd_train)
+        print(f"competition {args.command}: interrupted; nothing half-written was left", file=sys.stderr)
+        return 130
     except torch.OutOfMemoryError as exc:
         print(
             f"competition {args.command}: error: out of memory: {str(exc).splitlines()[0]}", file=sys.stderr

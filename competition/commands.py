@@ -61,14 +61,50 @@ def cmd_folds(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .train import train
+    from .config import ConfigError, load_config
+    from .data.splits import parse_folds
+    from .resume import run_config
+    from .train import train_fold
 
-    cfg = load_config(args.config, args.overrides)
-    results = train(cfg, args.fold, resume=args.resume, overwrite=args.overwrite)
-    for r in results if os.environ.get("RANK", "0") == "0" else []:
-        print(f"fold {r.fold}: best mIoU {r.best_miou:.4f} at epoch {r.best_epoch} -> {r.run_dir}")
+    resume, overrides = args.resume, list(args.overrides)
+    if isinstance(resume, str) and "=" in resume and not Path(resume).is_dir():
+        resume, overrides = True, [resume, *overrides]  # `--resume key=value`: an override, not a folder
+    if isinstance(resume, str):
+        if args.config:
+            raise ConfigError("give --config or a run folder to --resume, not both")
+        cfg = run_config(resume, overrides)
+    elif args.config:
+        cfg = load_config(args.config, overrides)
+    else:
+        raise ConfigError("--config is required (or --resume runs/<name> to continue a run)")
+    main = os.environ.get("RANK", "0") == "0"
+    for fold in parse_folds(args.fold, cfg.data.folds):
+        try:
+            r = train_fold(cfg, fold, bool(resume), args.overwrite)
+        except KeyboardInterrupt:
+            if main:
+                print(interrupted_line(cfg, fold), file=sys.stderr)
+            return 130
+        if main:
+            print(f"fold {r.fold}: best mIoU {r.best_miou:.4f} at epoch {r.best_epoch} -> {r.run_dir}")
     return 0
+
+
+def interrupted_line(cfg: Any, fold: int) -> str:
+    """One line for an interrupted fold: where it stopped, what ``last.ckpt`` holds, how to continue."""
+    import pandas as pd
+
+    from .checkpoint import LAST, load_last
+
+    run_dir = cfg.run_dir(fold)
+    metrics = run_dir / "metrics.csv"
+    done = len(pd.read_csv(metrics)) if metrics.is_file() else 0
+    saved = load_last(run_dir / LAST)["epoch"] if (run_dir / LAST).is_file() else 0
+    kept = f"last.ckpt holds epoch {saved}" if saved else "no epoch checkpointed yet"
+    return (
+        f"interrupted in fold {fold}, epoch {done + 1} ({kept}): continue with "
+        f"competition train --resume {run_dir.parent}"
+    )
 
 
 def _floats(text: str | None) -> list[float] | None:

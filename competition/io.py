@@ -6,7 +6,9 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -127,3 +129,25 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends, then deliver them (a no-op off the main thread), so
+    that files written together (an epoch's best weights, ``metrics.csv`` and ``last.ckpt``) are all
+    written or none. (Handlers, not a signal mask: torch's threads would take a masked signal.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = {
+        s: signal.signal(s, lambda signum, frame: caught.append(signum))
+        for s in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)
+        if caught:
+            signal.raise_signal(caught[0])

@@ -49,7 +49,7 @@ from . import checkpoint as ckpt
 from .config import Config
 from .data.splits import build_datasets, parse_folds
 from .data.transforms import EpochSeeded
-from .io import OutputExistsError, atomic_write_csv, atomic_write_text, remove
+from .io import OutputExistsError, atomic_write_csv, atomic_write_text, remove, uninterrupted
 from .metrics import ConfusionMatrix
 from .oof import OOF_FILE, OofWriter
 from .optim import build_optimizer, build_scheduler
@@ -160,6 +160,9 @@ class FoldRun:
         ckpt.check_resumable(self.cfg, ckpt.read_run_config(self.run_dir), self.run_dir)
         for name in ("model", "optimizer", "scheduler", "scaler"):
             getattr(self, name).load_state_dict(state[name])
+        sched = self.scheduler  # the lr of this step in the schedule now planned (epochs may have grown)
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(sched.last_epoch)
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.start_epoch, self.best, self.skips = state["epoch"], dict(state["best"]), dict(state["skipped"])
@@ -280,17 +283,15 @@ class FoldRun:
             for epoch in range(self.start_epoch, self.cfg.train.epochs):
                 row, improved = self.epoch(model, epoch)
                 if self.ddp.main:
-                    self.save(epoch, row, improved)
+                    with uninterrupted():  # an interrupt waits until the epoch's files are all written
+                        self.save(epoch, row, improved)
                     trackers.epoch(row)
                     tqdm.write(epoch_line(self.fold, self.cfg.train.epochs, row, improved))
                     if on_epoch_end is not None:
                         on_epoch_end(epoch, row)
                 self.ddp.barrier()
-            if (
-                self.ddp.main
-                and self.cfg.train.oof != "none"
-                and (self.run_dir / ckpt.BEST_WEIGHTS).is_file()
-            ):
+            has_best = (self.run_dir / ckpt.BEST_WEIGHTS).is_file()
+            if self.ddp.main and self.cfg.train.oof != "none" and has_best:
                 self.write_oof()
         self.ddp.barrier()
         return FoldResult(

@@ -1,0 +1,61 @@
+"""Continuing a run from its folder: ``competition train --resume RUN_DIR``.
+
+The run's own ``config.yaml`` (paths already resolved) is the config, so nothing given when it started has
+to be repeated. Overrides given with it may only change what a resume keeps exact (``MAY_CHANGE``: workers,
+device, progress bars, loggers, validation batch size, checkpoint interval) or extend the run:
+``train.epochs`` larger than before continues finished folds, and from the next optimizer step the learning
+rate follows the schedule of a run planned with the new number of epochs (``FoldRun.resume``). Anything
+else would silently train something other than the run it continues, and is refused by name.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .checkpoint import CheckpointError, fold_dirs, read_run_config
+from .config import Config, ConfigError, config_from_dict
+from .provenance import VOLATILE_TRAIN_KEYS
+
+MAY_CHANGE = (*VOLATILE_TRAIN_KEYS, "checkpoint_every")
+
+
+def _flat(raw: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_keys(cfg: Config, saved: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs (``output_dir`` left out)."""
+    new, old = _flat(cfg.model_dump(mode="json")), _flat(saved.model_dump(mode="json"))
+    return sorted(k for k in new.keys() | old.keys() if k != "output_dir" and new.get(k) != old.get(k))
+
+
+def run_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """The config to resume ``run_dir`` (``runs/<name>``) with: its saved config plus ``overrides``, which
+    may only touch ``MAY_CHANGE`` or raise ``train.epochs``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder {run_dir} not found (competition train --resume runs/<name>)")
+    dirs = fold_dirs(run_dir)
+    saved = read_run_config(dirs[0])
+    if saved.name != run_dir.name:
+        raise ConfigError(
+            f"{run_dir} holds run {saved.name!r} (name in {dirs[0] / 'config.yaml'}): rename the folder back "
+            f"to {saved.name}, or start a new run"
+        )
+    raw = saved.model_dump(mode="json") | {"output_dir": str(run_dir.parent.resolve())}
+    cfg = config_from_dict(raw, overrides, source=f"{run_dir} + overrides")
+    refused = [k for k in changed_keys(cfg, saved) if k.removeprefix("train.") not in (*MAY_CHANGE, "epochs")]
+    if refused:
+        raise ConfigError(
+            f"cannot change {refused} when resuming {run_dir}: only train.epochs (to extend the run) and "
+            f"{['train.' + k for k in MAY_CHANGE]} may change. To train something else, start a new run "
+            f"(--config {dirs[0] / 'config.yaml'} name=NEW ...)"
+        )
+    return cfg  # each fold checks it against its own config.yaml too (checkpoint.check_resumable)

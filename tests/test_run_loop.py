@@ -1,0 +1,97 @@
+"""The competitor's loop (issue 22): resume a run by its folder, extend it, stop it cleanly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import tiny_config_dict
+
+from competition import checkpoint as ckpt
+from competition.cli import main
+from competition.optim import lr_factor
+
+
+def _config(synthetic_data, tmp_path, name="loop", **train):
+    raw = tiny_config_dict(synthetic_data, tmp_path, **train) | {"name": name}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_resume_by_run_folder_needs_no_config_and_extends_the_run(synthetic_data, tmp_path, capsys):
+    from competition.resume import run_config
+    from competition.train import FoldRun
+
+    config = _config(synthetic_data, tmp_path, epochs=1)
+    # overrides may follow flags
+    assert main(["train", "--config", str(config), "train.seed=5", "--fold", "0", "train.epochs=1"]) == 0
+    run = tmp_path / "loop"
+    assert len(pd.read_csv(run / "fold0" / "metrics.csv")) == 1
+    # resumed with more epochs, the lr is at once that of a run planned for 3 epochs, at the same step
+    extended = run_config(run, ["train.epochs=3"])
+    fold = FoldRun(extended, 0, resume=True)
+    fold.resume()
+    steps = fold.scheduler.last_epoch
+    expected = extended.optimizer.lr * lr_factor(extended, steps, 3 * steps, steps)
+    assert fold.optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+    assert (
+        expected > 2 * extended.optimizer.lr * extended.scheduler.min_lr_ratio
+    )  # not the 1-epoch plan's end
+    del fold
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--fold", "0", "train.epochs=3"]) == 0  # no --config
+    assert "fold 0: resuming after epoch 1" in capsys.readouterr().out
+    rows = pd.read_csv(run / "fold0" / "metrics.csv")
+    assert list(rows["epoch"]) == [1, 2, 3]
+    saved = ckpt.read_run_config(run / "fold0")
+    assert saved.train.epochs == 3 and saved.train.seed == 5  # the run's own settings, extended
+    assert rows["lr"].iloc[1] == pytest.approx(
+        saved.optimizer.lr * lr_factor(saved, 2 * steps, 3 * steps, steps)
+    )
+
+
+def test_resume_refuses_changes_that_would_train_something_else(synthetic_data, tmp_path, capsys):
+    config = _config(synthetic_data, tmp_path, epochs=2)
+    assert main(["train", "--config", str(config), "--fold", "0"]) == 0
+    run = str(tmp_path / "loop")
+    capsys.readouterr()
+    assert main(["train", "--resume", run, "model.encoder_name=resnet34", "optimizer.lr=0.1"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot change ['model.encoder_name', 'optimizer.lr'] when resuming" in err
+    assert main(["train", "--resume", run, "--fold", "0", "train.epochs=1"]) == 1
+    assert "can be extended (more epochs), not shortened" in capsys.readouterr().err
+    assert main(["train", "--resume", run, "--config", str(config)]) == 1
+    assert "not both" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nope")]) == 1
+    assert "run folder" in capsys.readouterr().err
+    # the old form still works, and `--resume key=value` is an override, not a folder
+    assert main(["train", "--config", str(config), "--fold", "0", "--resume", "train.workers=0"]) == 0
+    assert "resuming after epoch 2" in capsys.readouterr().out  # a finished fold is not retrained
+    assert len(pd.read_csv(tmp_path / "loop" / "fold0" / "metrics.csv")) == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_says_where_it_stopped_and_resumes(synthetic_data, tmp_path, sig):
+    config = _config(synthetic_data, tmp_path, epochs=40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "competition.cli", "train", "--config", str(config), "--fold", "0"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "loop" / "fold0" / "metrics.csv"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and len(pd.read_csv(metrics)) >= 1) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    done = len(pd.read_csv(metrics))
+    assert line.startswith(f"interrupted in fold 0, epoch {done + 1} (last.ckpt holds epoch {done})"), line
+    assert line.endswith(f"continue with competition train --resume {tmp_path / 'loop'}")
+    assert not [p for p in (tmp_path / "loop" / "fold0").iterdir() if ".tmp" in p.name]
+    assert ckpt.load_last(tmp_path / "loop" / "fold0" / ckpt.LAST)["epoch"] == done  # where --resume goes on
