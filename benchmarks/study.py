@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -215,6 +216,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # training keeps it (runtime.cpu_threads)
     if args.dataset == "isbi" and args.crop is None:
         args.crop = 128
     out = args.out or Path(f"runs/study_{args.dataset}")

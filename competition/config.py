@@ -285,6 +285,7 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(default=None, gt=0.0)
     seed: int = 42
     workers: int = Field(default=2, ge=0)
+    threads: int | None = Field(default=None, ge=1)  # torch CPU threads; null: runtime.cpu_threads decides
     device: str = "auto"
     nan_policy: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = Field(default=10, ge=0)

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of a config."""
+"""What a config trains with: the loss, the optimizer and the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -7,7 +7,20 @@ import math
 import torch
 from torch import nn
 
+from smp_unet3p.losses import DeepSupervisionLoss, get_loss
+
 from .config import Config
+
+
+def build_criterion(cfg: Config, classes: int) -> DeepSupervisionLoss:
+    """The configured loss on every output the model gives (main, side outputs, CGM presence)."""
+    return DeepSupervisionLoss(
+        get_loss(cfg.loss.name, classes, cfg.loss.ignore_index),
+        classes,
+        side_weights=cfg.loss.side_weight,
+        cgm_weight=cfg.loss.cgm_weight,
+        ignore_index=cfg.loss.ignore_index,
+    )
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:

@@ -36,7 +36,7 @@ from .io import atomic_write_text, file_hash
 
 KEY = "provenance"
 # keys a resume may change (they do not change what the run learns): left out of the config hash
-VOLATILE_TRAIN_KEYS = ("workers", "progress", "loggers", "device", "val_batch_size")
+VOLATILE_TRAIN_KEYS = ("workers", "progress", "loggers", "device", "val_batch_size", "threads")
 
 
 class ProvenanceError(CheckpointError):

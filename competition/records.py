@@ -33,6 +33,27 @@ def best_meta(
     }
 
 
+def startup_line(fold: int, cfg: Any, device: Any, threads: int, images: tuple[int, int], steps: int) -> str:
+    """The line printed when a fold starts: where and how it trains, on how much."""
+    t = cfg.train
+    on = {True: "on", False: "off"}
+    flags = f"amp {t.amp}, channels_last {on[t.channels_last]}, compile {on[t.compile]}"
+    return (
+        f"fold {fold}: {device}, {threads} CPU thread{'s' * (threads > 1)}, {flags}; {images[0]} train / "
+        f"{images[1]} val images, {steps} steps per epoch (batch {t.batch_size} x accum {t.accum_steps}), "
+        f"{t.epochs} epochs"
+    )
+
+
+def estimate_line(fold: int, seconds: float, epochs_left: int) -> str:
+    """After a fold's first epoch: how long the rest of it should take."""
+    left = seconds * epochs_left
+    when = (
+        f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.1f} min" if left >= 90 else f"{left:.0f} s"
+    )
+    return f"fold {fold}: {seconds:.1f} s per epoch, about {when} for the {epochs_left} epoch{'s' * (epochs_left > 1)} left"
+
+
 def epoch_line(fold: int, epochs: int, row: dict[str, Any], improved: bool) -> str:
     """The one summary line printed after each epoch."""
     return (

@@ -64,6 +64,20 @@ class Dist:
         return bool(value)
 
 
+def cpu_threads(requested: int | None, workers: int) -> int:
+    """torch's CPU threads for a run: ``requested``; else ``OMP_NUM_THREADS`` when set (torchrun sets 1);
+    else the cores this process may use, less one per DataLoader worker and less the load other processes
+    put on them: oversubscribed OpenMP threads on a shared machine can be several times slower (6x seen
+    on 2 busy cores)."""
+    if requested:
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores - workers, int(cores - load + 0.5)))
+
+
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """Join the process group ``torchrun`` describes in the environment (NCCL on GPU, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -43,8 +43,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens a second DataLoader iterator
 
-from smp_unet3p.losses import DeepSupervisionLoss, get_loss
-
 from . import checkpoint as ckpt
 from .config import Config
 from .data.splits import build_datasets, parse_folds
@@ -52,10 +50,10 @@ from .data.transforms import EpochSeeded
 from .io import OutputExistsError, atomic_write_csv, atomic_write_text, remove, uninterrupted
 from .metrics import ConfusionMatrix
 from .oof import OOF_FILE, OofWriter
-from .optim import build_optimizer, build_scheduler
+from .optim import build_criterion, build_optimizer, build_scheduler
 from .provenance import config_hash, folds_record
-from .records import best_meta, epoch_line, write_curves
-from .runtime import autocast, batch_to_device, build_model, collate, init_distributed, unwrap
+from .records import best_meta, epoch_line, estimate_line, startup_line, write_curves
+from .runtime import autocast, batch_to_device, build_model, collate, cpu_threads, init_distributed, unwrap
 from .tracking import TRACKING, Trackers
 from .validation import evaluate
 
@@ -75,17 +73,6 @@ class FoldResult:
     metrics: pd.DataFrame
 
 
-def build_criterion(cfg: Config, classes: int) -> DeepSupervisionLoss:
-    """The configured loss on every output the model gives (main, side outputs, CGM presence)."""
-    return DeepSupervisionLoss(
-        get_loss(cfg.loss.name, classes, cfg.loss.ignore_index),
-        classes,
-        side_weights=cfg.loss.side_weight,
-        cgm_weight=cfg.loss.cgm_weight,
-        ignore_index=cfg.loss.ignore_index,
-    )
-
-
 class FoldRun:
     """One fold's training: everything is set up in ``__init__``; ``run()`` resumes (if asked), trains and
     validates epoch by epoch, saves, and finally writes the out-of-fold predictions."""
@@ -93,6 +80,8 @@ class FoldRun:
     def __init__(self, cfg: Config, fold: int, resume: bool = False, overwrite: bool = False):
         self.cfg, self.fold, self.resuming = cfg, fold, resume
         self.ddp, self.device = init_distributed(cfg.train.device)
+        self.threads = cpu_threads(cfg.train.threads, cfg.train.workers)
+        torch.set_num_threads(self.threads)
         self.run_dir = cfg.run_dir(fold)
         self._prepare_dir(overwrite)
         torch.manual_seed(cfg.train.seed)
@@ -110,8 +99,8 @@ class FoldRun:
         self.ema = AveragedModel(self.model, multi_avg_fn=multi_avg, use_buffers=True) if multi_avg else None
         self.optimizer = build_optimizer(cfg, self.model)
         self._build_loaders()
-        steps_per_epoch = math.ceil(len(self.train_loader) / cfg.train.accum_steps)
-        self.scheduler = build_scheduler(cfg, self.optimizer, steps_per_epoch)
+        self.steps = math.ceil(len(self.train_loader) / cfg.train.accum_steps)  # optimizer steps per epoch
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         self.criterion = build_criterion(cfg, len(self.names))
         self.start_epoch, self.best, self.rows = 0, {"miou": -math.inf, "epoch": -1}, []
@@ -279,6 +268,12 @@ class FoldRun:
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.cfg.train.compile:
             model = torch.compile(model)
+        steps, sizes = (
+            len(self.train_loader) // self.cfg.train.accum_steps,
+            (len(self.train_set), len(self.val_set)),
+        )
+        if self.ddp.main:
+            print(startup_line(self.fold, self.cfg, self.device, self.threads, sizes, steps), flush=True)
         with Trackers(self.cfg, self.run_dir, enabled=self.ddp.main) as trackers:
             for epoch in range(self.start_epoch, self.cfg.train.epochs):
                 row, improved = self.epoch(model, epoch)
@@ -287,6 +282,10 @@ class FoldRun:
                         self.save(epoch, row, improved)
                     trackers.epoch(row)
                     tqdm.write(epoch_line(self.fold, self.cfg.train.epochs, row, improved))
+                    if epoch == self.start_epoch and epoch + 1 < self.cfg.train.epochs:
+                        tqdm.write(
+                            estimate_line(self.fold, row["seconds"], self.cfg.train.epochs - epoch - 1)
+                        )
                     if on_epoch_end is not None:
                         on_epoch_end(epoch, row)
                 self.ddp.barrier()

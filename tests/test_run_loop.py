@@ -95,3 +95,31 @@ def test_an_interrupted_run_says_where_it_stopped_and_resumes(synthetic_data, tm
     assert line.endswith(f"continue with competition train --resume {tmp_path / 'loop'}")
     assert not [p for p in (tmp_path / "loop" / "fold0").iterdir() if ".tmp" in p.name]
     assert ckpt.load_last(tmp_path / "loop" / "fold0" / ckpt.LAST)["epoch"] == done  # where --resume goes on
+
+
+def test_cpu_threads_default_leaves_room_for_workers_and_other_processes(monkeypatch):
+    from competition import runtime
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert runtime.cpu_threads(None, 0) == 8 and runtime.cpu_threads(None, 2) == 6
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (5.0, 0.0, 0.0))  # others keep 5 cores busy
+    assert runtime.cpu_threads(None, 0) == 3
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (12.0, 0.0, 0.0))
+    assert runtime.cpu_threads(None, 2) == 1 and runtime.cpu_threads(4, 2) == 4  # asked for: as asked
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert runtime.cpu_threads(None, 0) == runtime.torch.get_num_threads()
+
+
+def test_a_fold_prints_where_it_trains_and_an_estimate_after_its_first_epoch(
+    synthetic_data, tmp_path, capsys
+):
+    config = _config(synthetic_data, tmp_path, epochs=2, threads=1)
+    assert main(["train", "--config", str(config), "--fold", "0"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "fold 0: cpu, 1 CPU thread, amp none, channels_last off, compile off; 6 train / 6 val images, " in out
+    )
+    assert "steps per epoch (batch 4 x accum 1), 2 epochs" in out
+    assert "fold 0: " in out and " s per epoch, about " in out and "for the 1 epoch left" in out
