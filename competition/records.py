@@ -51,7 +51,8 @@ def estimate_line(fold: int, seconds: float, epochs_left: int) -> str:
     when = (
         f"{left / 3600:.1f} h" if left >= 5400 else f"{left / 60:.1f} min" if left >= 90 else f"{left:.0f} s"
     )
-    return f"fold {fold}: {seconds:.1f} s per epoch, about {when} for the {epochs_left} epoch{'s' * (epochs_left > 1)} left"
+    epochs = f"{epochs_left} epoch{'s' * (epochs_left > 1)}"
+    return f"fold {fold}: {seconds:.1f} s per epoch, about {when} for the {epochs} left"
 
 
 def epoch_line(fold: int, epochs: int, row: dict[str, Any], improved: bool) -> str:
