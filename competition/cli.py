@@ -41,13 +41,41 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default, unless its text already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+
+def _class_count(text: str) -> int:
+    """``--classes`` of validate: a number, or class names as ``prepare --classes`` takes them."""
+    if text.strip().isdigit():
+        return int(text)
+    names = [n for n in text.split(",") if n.strip()]
+    if len(names) < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected class names (comma-separated) or their number, got {text!r}"
+        )
+    return len(names)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="competition",
         description="Kaggle-style COCO segmentation pipeline on smp_unet3p: prepare -> folds -> train -> "
         "predict -> ensemble -> submit.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="<stage>")
+    sub = parser.add_subparsers(dest="command", metavar="<stage>", parser_class=_Parser)
 
     p = sub.add_parser("prepare", help="COCO -> cached class masks + dataset statistics")
     _add_dataset_args(p)
@@ -66,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_args(p)
     p.add_argument("--out", type=Path, required=True, help="folds CSV to write")
     p.add_argument("--k", type=int, default=5, help="number of folds")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="seed of the fold assignment")
     p.add_argument(
         "--group-by-folder",
         action="store_true",
@@ -123,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--postprocess", type=Path, default=None, help="postprocess.json of evaluate --tune-postprocess"
     )
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=commands.cmd_predict)
 
     p = sub.add_parser(
@@ -171,13 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
         "summed probability)",
     )  # fmt: skip
     p.add_argument("--test", required=True, type=Path, help="test COCO json (row order and ids)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="submission CSV to write")
     _add_allow_partial(p)
     _add_submission_args(p)
     p.add_argument(
         "--postprocess", type=Path, default=None, help="postprocess.json of evaluate --tune-postprocess"
     )
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=commands.cmd_ensemble)
 
     p = sub.add_parser(
@@ -186,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("submission", type=Path)
     p.add_argument("--test", required=True, type=Path, help="test COCO json (expected ids and order)")
     p.add_argument(
-        "--classes", type=int, default=len(BOOSTCAMP_CLASSES), help="number of classes (default 11)"
-    )
+        "--classes", type=_class_count, default=len(BOOSTCAMP_CLASSES), metavar="NAMES|N",
+        help="the class names, comma-separated as for prepare --classes (or just their number)",
+    )  # fmt: skip
     _add_submission_args(p)
     p.set_defaults(func=commands.cmd_validate)
 
@@ -228,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runs_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder (audit.csv, gallery/)")
     p.add_argument("--gallery", type=int, default=24, help="panels of the N most suspicious images")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=commands.cmd_audit)
 
     p = sub.add_parser(
@@ -245,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--submission", type=Path, default=None, help="a submission CSV to compare with training")
     _add_submission_args(p)
     p.add_argument("--worst", type=int, default=8, help="show the N worst OOF images")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=commands.cmd_report)
 
     p = sub.add_parser(
@@ -302,11 +331,11 @@ def _add_inference_args(p: argparse.ArgumentParser) -> None:
         "--tile", type=int, default=None, help="sliding-window tile for larger images (default: off)"
     )
     p.add_argument("--overlap", type=int, default=128, help="sliding-window overlap in pixels")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding the next batch")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast dtype on GPU")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on GPU)")
 
 
 def _add_submission_args(p: argparse.ArgumentParser) -> None:

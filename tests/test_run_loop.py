@@ -123,3 +123,31 @@ def test_a_fold_prints_where_it_trains_and_an_estimate_after_its_first_epoch(
     )
     assert "steps per epoch (batch 4 x accum 1), 2 epochs" in out
     assert "fold 0: " in out and " s per epoch, about " in out and "for the 1 epoch left" in out
+
+
+def test_every_option_says_what_it_does_and_its_default(capsys):
+    import argparse
+
+    from competition.cli import build_parser
+
+    parser = build_parser()
+    stages = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, stage in stages.items():
+        for action in stage._actions:
+            assert not action.option_strings or action.help, f"{name} {action.option_strings} has no help"
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 128)" in text and "(default: boostcamp)" in text  # --overlap, --format
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_validate_takes_class_names_as_prepare_does_or_their_number():
+    from competition.cli import build_parser
+
+    parser = build_parser()
+    common = ["validate", "s.csv", "--test", "t.json", "--classes"]
+    assert parser.parse_args([*common, "Background,Paper,Glass"]).classes == 3
+    assert parser.parse_args([*common, "5"]).classes == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args([*common, "Background"])
