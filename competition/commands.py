@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .data.splits import parse_folds
     from .resume import run_config
-    from .train import train_fold
+    from .train import train
 
     resume, overrides = args.resume, list(args.overrides)
     if isinstance(resume, str) and "=" in resume and not Path(resume).is_dir():
@@ -78,24 +78,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("--config is required (or --resume runs/<name> to continue a run)")
     main = os.environ.get("RANK", "0") == "0"
-    for fold in parse_folds(args.fold, cfg.data.folds):
-        try:
-            r = train_fold(cfg, fold, bool(resume), args.overwrite)
-        except KeyboardInterrupt:
-            if main:
-                print(interrupted_line(cfg, fold), file=sys.stderr)
-            return 130
+    try:
+        results = train(cfg, args.fold, bool(resume), args.overwrite)
+    except KeyboardInterrupt:
         if main:
-            print(f"fold {r.fold}: best mIoU {r.best_miou:.4f} at epoch {r.best_epoch} -> {r.run_dir}")
+            print(interrupted_line(cfg, parse_folds(args.fold, cfg.data.folds)), file=sys.stderr)
+        return 130
+    for r in results if main else []:
+        early = f" (train.patience: stopped after epoch {len(r.metrics)})" if r.stopped == "patience" else ""
+        print(f"fold {r.fold}: best mIoU {r.best_miou:.4f} at epoch {r.best_epoch}{early} -> {r.run_dir}")
+        if r.stopped == "time_limit":
+            print(f"train.time_limit reached: continue with competition train --resume {r.run_dir.parent}")
     return 0
 
 
-def interrupted_line(cfg: Any, fold: int) -> str:
-    """One line for an interrupted fold: where it stopped, what ``last.ckpt`` holds, how to continue."""
+def interrupted_line(cfg: Any, folds: list[int]) -> str:
+    """One line for an interrupted ``train``: the fold and epoch it stopped in, what ``last.ckpt`` holds,
+    how to continue. The fold is the first of ``folds`` without its out-of-fold file."""
     import pandas as pd
 
     from .checkpoint import LAST, load_last
+    from .oof import OOF_FILE
 
+    fold = next((k for k in folds if not (cfg.run_dir(k) / OOF_FILE).is_file()), folds[-1])
     run_dir = cfg.run_dir(fold)
     metrics = run_dir / "metrics.csv"
     done = len(pd.read_csv(metrics)) if metrics.is_file() else 0

@@ -286,6 +286,10 @@ class TrainConfig(_Section):
     seed: int = 42
     workers: int = Field(default=2, ge=0)
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads; null: runtime.cpu_threads decides
+    patience: int | None = Field(
+        default=None, ge=1
+    )  # stop a fold after this many epochs without a better mIoU
+    time_limit: float | None = Field(default=None, gt=0)  # seconds for the whole `train` command, or "8h30m"
     device: str = "auto"
     nan_policy: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = Field(default=10, ge=0)
@@ -295,6 +299,11 @@ class TrainConfig(_Section):
     oof_size: int | None = Field(default=256, ge=8)  # OOF maps larger than this are resized; null: native
     progress: bool = True
     loggers: list[Literal["csv", "tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["csv"])
+
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return parse_duration(value) if isinstance(value, str) else value
 
     @field_validator("loggers")
     @classmethod
@@ -333,6 +342,17 @@ class Config(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of ``"8h30m"``, ``"90m"``, ``"1.5h"``, ``"45s"`` or ``"3600"``."""
+    import re
+
+    parts = re.fullmatch(r"\s*(?:([\d.]+)h)?\s*(?:([\d.]+)m)?\s*(?:([\d.]+)s?)?\s*", text)
+    if not parts or not any(parts.groups()):
+        raise ValueError(f"not a duration: {text!r} (e.g. 8h30m, 90m, 3600)")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def _fields_of(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:

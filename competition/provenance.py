@@ -36,7 +36,8 @@ from .io import atomic_write_text, file_hash
 
 KEY = "provenance"
 # keys a resume may change (they do not change what the run learns): left out of the config hash
-VOLATILE_TRAIN_KEYS = ("workers", "progress", "loggers", "device", "val_batch_size", "threads")
+VOLATILE_TRAIN_KEYS = ("workers", "progress", "loggers", "device", "val_batch_size", "threads", "time_limit")
+LATER_TRAIN_KEYS = {"patience": None}  # hashed only when set, so runs made before them keep their hash
 
 
 class ProvenanceError(CheckpointError):
@@ -50,6 +51,9 @@ def config_hash(cfg: Config) -> str:
     raw.pop("output_dir", None)
     for key in VOLATILE_TRAIN_KEYS:
         raw["train"].pop(key, None)
+    for key, default in LATER_TRAIN_KEYS.items():
+        if raw["train"].get(key, default) == default:
+            raw["train"].pop(key, None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -66,10 +70,11 @@ class FoldInfo:
     epochs_done: int
     epochs: int
     has_best: bool
+    stopped_early: bool = False  # train.patience ran out
 
     @property
     def finished(self) -> bool:
-        return self.has_best and self.epochs_done >= self.epochs
+        return self.has_best and (self.epochs_done >= self.epochs or self.stopped_early)
 
 
 @dataclass
@@ -114,12 +119,22 @@ class RunInfo:
         }
 
 
-def _epochs_done(fold_dir: Path) -> int:
+def patience_spent(miou: Sequence[float], patience: int | None) -> bool:
+    """Whether ``train.patience`` epochs have passed since the best of the per-epoch mIoUs ``miou``."""
+    scores = np.asarray(miou, dtype=float)
+    if not patience or not len(scores) or np.isnan(scores).all():
+        return False
+    return len(scores) - (int(np.nanargmax(scores)) + 1) >= patience
+
+
+def _progress(fold_dir: Path) -> tuple[int, list[float]]:
+    """Epochs finished and their validation mIoU, from ``metrics.csv``."""
     path = fold_dir / "metrics.csv"
     if not path.is_file():
-        return 0
-    epochs = pd.read_csv(path, usecols=["epoch"])["epoch"]
-    return int(epochs.max()) if len(epochs) else 0
+        return 0, []
+    table = pd.read_csv(path)
+    done = int(table["epoch"].max()) if len(table) else 0
+    return done, table["miou"].tolist() if "miou" in table else []
 
 
 def _fold_number(fold_dir: Path) -> int:
@@ -151,7 +166,9 @@ def read_run(path: str | os.PathLike) -> RunInfo:
                 folds_hash, expected = known["folds_hash"], known["folds"]
             run = RunInfo(path, cfg.name, config_hash(cfg), folds_hash, None if single else expected)
         fold = _fold_number(d)
-        run.folds[fold] = FoldInfo(fold, d, _epochs_done(d), cfg.train.epochs, bool(meta))
+        done, miou = _progress(d)
+        stopped = patience_spent(miou, cfg.train.patience)
+        run.folds[fold] = FoldInfo(fold, d, done, cfg.train.epochs, bool(meta), stopped)
         run.class_names = run.class_names or meta.get("classes")
     assert run is not None
     return run

@@ -40,8 +40,8 @@ def startup_line(fold: int, cfg: Any, device: Any, threads: int, images: tuple[i
     flags = f"amp {t.amp}, channels_last {on[t.channels_last]}, compile {on[t.compile]}"
     return (
         f"fold {fold}: {device}, {threads} CPU thread{'s' * (threads > 1)}, {flags}; {images[0]} train / "
-        f"{images[1]} val images, {steps} steps per epoch (batch {t.batch_size} x accum {t.accum_steps}), "
-        f"{t.epochs} epochs"
+        f"{images[1]} val images, {steps} step{'s' * (steps > 1)} per epoch (batch {t.batch_size} x accum "
+        f"{t.accum_steps}), {t.epochs} epochs"
     )
 
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
+
+from . import checkpoint as ckpt
 from .checkpoint import CheckpointError, fold_dirs, read_run_config
 from .config import Config, ConfigError, config_from_dict
 from .provenance import VOLATILE_TRAIN_KEYS
 
-MAY_CHANGE = (*VOLATILE_TRAIN_KEYS, "checkpoint_every")
+MAY_CHANGE = (*VOLATILE_TRAIN_KEYS, "checkpoint_every", "patience")
 
 
 def _flat(raw: dict, prefix: str = "") -> dict[str, object]:
@@ -59,3 +63,34 @@ def run_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) -
             f"(--config {dirs[0] / 'config.yaml'} name=NEW ...)"
         )
     return cfg  # each fold checks it against its own config.yaml too (checkpoint.check_resumable)
+
+
+def restore(run: Any) -> None:
+    """Restore every state of a ``train.FoldRun`` from its ``last.ckpt``. The learning rate is set to this
+    step's in the schedule now planned (``train.epochs`` may have grown); the best score is never lowered
+    below ``best.json``'s (it may be newer than ``last.ckpt``: an epoch being re-run)."""
+    last = run.run_dir / ckpt.LAST
+    if not last.is_file():
+        if run.ddp.main:
+            print(f"fold {run.fold}: nothing to resume in {run.run_dir}, starting from scratch")
+        return
+    state = ckpt.load_last(last, run.device)
+    ckpt.check_resumable(run.cfg, ckpt.read_run_config(run.run_dir), run.run_dir)
+    for name in ("model", "optimizer", "scheduler", "scaler"):
+        getattr(run, name).load_state_dict(state[name])
+    sched = run.scheduler
+    for group, base, factor in zip(run.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * factor(sched.last_epoch)
+    if run.ema is not None and state["ema"] is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.start_epoch, run.best, run.skips = state["epoch"], dict(state["best"]), dict(state["skipped"])
+    if (run.run_dir / ckpt.BEST_META).is_file():
+        meta = ckpt.read_best_meta(run.run_dir)
+        if meta["miou"] > run.best["miou"]:
+            run.best = {"miou": meta["miou"], "epoch": meta["epoch"]}
+    ckpt.set_rng_state(state["rng"])
+    metrics = run.run_dir / "metrics.csv"
+    if metrics.is_file():
+        run.rows = pd.read_csv(metrics).query(f"epoch <= {run.start_epoch}").to_dict("records")
+    if run.ddp.main:
+        print(f"fold {run.fold}: resuming after epoch {run.start_epoch} from {last}")

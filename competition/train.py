@@ -1,17 +1,16 @@
 """Train one fold (or all): a plain loop with AMP, gradient accumulation, EMA, resume and DDP.
 
-Run directory ``<output_dir>/<name>/fold<k>/``:
-
-- ``config.yaml``: the resolved config (rebuilds the model for inference);
-- ``metrics.csv``: per epoch train/val loss, mIoU, per-class IoU, lr, seconds; ``curves.png``;
-- ``best.safetensors`` + ``best.json``: best validation mIoU weights (EMA weights when EMA is on);
-- ``last.ckpt``: model, optimizer, scheduler, scaler, EMA, epoch and RNG states for ``--resume`` (every
-  ``train.checkpoint_every`` epochs and after the last);
-- ``oof.npz``: out-of-fold predictions of the best weights (``competition.oof``).
+Run directory ``<output_dir>/<name>/fold<k>/``: ``config.yaml`` (the resolved config; rebuilds the model);
+``metrics.csv`` (per epoch train/val loss, mIoU, per-class IoU, lr, seconds) and ``curves.png``;
+``best.safetensors`` + ``best.json`` (best validation mIoU weights; EMA weights when EMA is on);
+``last.ckpt`` (model, optimizer, scheduler, scaler, EMA, epoch and RNG states for ``--resume``, every
+``train.checkpoint_every`` epochs and after the last); ``oof.npz`` (out-of-fold predictions, ``oof``).
 
 Validation: mIoU from the model's eval output (CGM-gated, as inference predicts); the validation loss from the
-ungated logits (``runtime.eval_outputs``). A resumed run never replaces a best checkpoint by a worse one: the
-best score is the higher of ``last.ckpt``'s and ``best.json``'s.
+ungated logits (``runtime.eval_outputs``). A resumed run never replaces a best checkpoint by a worse one.
+Stopping: ``train.patience`` finishes a fold after that many epochs without a better mIoU;
+``train.time_limit`` starts no epoch that would end after it (the run is resumed later); Ctrl-C / SIGTERM
+wait until the epoch's files are all written (``io.uninterrupted``).
 
 Non-finite losses: ``train.nan_policy: stop`` (default) raises ``NonFiniteLossError`` naming the epoch and
 step before anything is saved from that epoch; ``skip`` drops the micro-batch and stops after
@@ -51,8 +50,9 @@ from .io import OutputExistsError, atomic_write_csv, atomic_write_text, remove, 
 from .metrics import ConfusionMatrix
 from .oof import OOF_FILE, OofWriter
 from .optim import build_criterion, build_optimizer, build_scheduler
-from .provenance import config_hash, folds_record
+from .provenance import config_hash, folds_record, patience_spent
 from .records import best_meta, epoch_line, estimate_line, startup_line, write_curves
+from .resume import restore
 from .runtime import autocast, batch_to_device, build_model, collate, cpu_threads, init_distributed, unwrap
 from .tracking import TRACKING, Trackers
 from .validation import evaluate
@@ -71,14 +71,22 @@ class FoldResult:
     best_miou: float
     best_epoch: int
     metrics: pd.DataFrame
+    stopped: str | None = None  # "patience" (finished early) or "time_limit" (to be resumed)
 
 
 class FoldRun:
     """One fold's training: everything is set up in ``__init__``; ``run()`` resumes (if asked), trains and
     validates epoch by epoch, saves, and finally writes the out-of-fold predictions."""
 
-    def __init__(self, cfg: Config, fold: int, resume: bool = False, overwrite: bool = False):
-        self.cfg, self.fold, self.resuming = cfg, fold, resume
+    def __init__(
+        self,
+        cfg: Config,
+        fold: int,
+        resume: bool = False,
+        overwrite: bool = False,
+        deadline: float | None = None,
+    ):
+        self.cfg, self.fold, self.resuming, self.deadline, self.stopped = cfg, fold, resume, deadline, None
         self.ddp, self.device = init_distributed(cfg.train.device)
         self.threads = cpu_threads(cfg.train.threads, cfg.train.workers)
         torch.set_num_threads(self.threads)
@@ -139,32 +147,8 @@ class FoldRun:
         self.val_loader = DataLoader(shard, batch_size=self.val_batch, shuffle=False, **args)
 
     def resume(self) -> None:
-        """Restore every state from ``last.ckpt``; the best score is never lowered below ``best.json``'s."""
-        last = self.run_dir / ckpt.LAST
-        if not last.is_file():
-            if self.ddp.main:
-                print(f"fold {self.fold}: nothing to resume in {self.run_dir}, starting from scratch")
-            return
-        state = ckpt.load_last(last, self.device)
-        ckpt.check_resumable(self.cfg, ckpt.read_run_config(self.run_dir), self.run_dir)
-        for name in ("model", "optimizer", "scheduler", "scaler"):
-            getattr(self, name).load_state_dict(state[name])
-        sched = self.scheduler  # the lr of this step in the schedule now planned (epochs may have grown)
-        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * factor(sched.last_epoch)
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-        self.start_epoch, self.best, self.skips = state["epoch"], dict(state["best"]), dict(state["skipped"])
-        if (self.run_dir / ckpt.BEST_META).is_file():  # may be newer than last.ckpt: an epoch being re-run
-            meta = ckpt.read_best_meta(self.run_dir)
-            if meta["miou"] > self.best["miou"]:
-                self.best = {"miou": meta["miou"], "epoch": meta["epoch"]}
-        ckpt.set_rng_state(state["rng"])
-        metrics = self.run_dir / "metrics.csv"
-        if metrics.is_file():
-            self.rows = pd.read_csv(metrics).query("epoch <= @self.start_epoch").to_dict("records")
-        if self.ddp.main:
-            print(f"fold {self.fold}: resuming after epoch {self.start_epoch} from {last}")
+        """Restore every state from ``last.ckpt`` (``resume.restore``)."""
+        restore(self)
 
     # ---------------------------------------------------------------------------------------- training
     def train_epoch(self, model: nn.Module, epoch: int) -> float:
@@ -268,34 +252,45 @@ class FoldRun:
             model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         if self.cfg.train.compile:
             model = torch.compile(model)
-        steps, sizes = (
-            len(self.train_loader) // self.cfg.train.accum_steps,
-            (len(self.train_set), len(self.val_set)),
-        )
+        epochs, sizes = self.cfg.train.epochs, (len(self.train_set), len(self.val_set))
         if self.ddp.main:
-            print(startup_line(self.fold, self.cfg, self.device, self.threads, sizes, steps), flush=True)
+            print(startup_line(self.fold, self.cfg, self.device, self.threads, sizes, self.steps), flush=True)
         with Trackers(self.cfg, self.run_dir, enabled=self.ddp.main) as trackers:
-            for epoch in range(self.start_epoch, self.cfg.train.epochs):
+            for epoch in range(self.start_epoch, epochs):
+                self.stopped = self.stop_reason(epoch)
+                if self.stopped:
+                    break
                 row, improved = self.epoch(model, epoch)
                 if self.ddp.main:
                     with uninterrupted():  # an interrupt waits until the epoch's files are all written
                         self.save(epoch, row, improved)
                     trackers.epoch(row)
-                    tqdm.write(epoch_line(self.fold, self.cfg.train.epochs, row, improved))
-                    if epoch == self.start_epoch and epoch + 1 < self.cfg.train.epochs:
-                        tqdm.write(
-                            estimate_line(self.fold, row["seconds"], self.cfg.train.epochs - epoch - 1)
-                        )
+                    tqdm.write(epoch_line(self.fold, epochs, row, improved))
+                    if epoch == self.start_epoch and epoch + 1 < epochs:
+                        tqdm.write(estimate_line(self.fold, row["seconds"], epochs - epoch - 1))
                     if on_epoch_end is not None:
                         on_epoch_end(epoch, row)
                 self.ddp.barrier()
             has_best = (self.run_dir / ckpt.BEST_WEIGHTS).is_file()
-            if self.ddp.main and self.cfg.train.oof != "none" and has_best:
+            if self.ddp.main and self.cfg.train.oof != "none" and has_best and self.stopped != "time_limit":
                 self.write_oof()
         self.ddp.barrier()
-        return FoldResult(
-            self.fold, self.run_dir, self.best["miou"], self.best["epoch"], pd.DataFrame(self.rows)
-        )
+        rows = pd.DataFrame(self.rows)
+        return FoldResult(self.fold, self.run_dir, self.best["miou"], self.best["epoch"], rows, self.stopped)
+
+    def stop_reason(self, epoch: int) -> str | None:
+        """``patience`` (the fold is finished) or ``time_limit`` (to be resumed; rank 0's clock decides)."""
+        if patience_spent([r["miou"] for r in self.rows], self.cfg.train.patience):
+            return "patience"
+        last = self.rows[-1]["seconds"] if self.rows else 0.0
+        late = torch.tensor([self.deadline is not None and time.monotonic() + last > self.deadline])
+        if self.ddp.enabled:
+            dist.broadcast(late := late.to(self.device), src=0)
+        if not late.item():
+            return None
+        if self.ddp.main:
+            print(f"fold {self.fold}: train.time_limit leaves no time for epoch {epoch + 1}", flush=True)
+        return "time_limit"
 
     def epoch(self, model: nn.Module, epoch: int) -> tuple[dict[str, Any], bool]:
         """Train and validate one epoch: its ``metrics.csv`` row, and whether it is the best so far."""
@@ -343,16 +338,23 @@ def train_fold(
     resume: bool = False,
     overwrite: bool = False,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+    deadline: float | None = None,
 ) -> FoldResult:
     """Train fold ``fold`` of ``cfg`` into ``cfg.run_dir(fold)`` and write its out-of-fold predictions.
 
     ``resume=True`` continues from ``last.ckpt`` (a finished fold is not retrained); without it an existing
     run directory is an error unless ``overwrite``. ``on_epoch_end(epoch, row)`` runs after each epoch's
-    files are written (rank 0).
+    files are written (rank 0). ``deadline`` (``time.monotonic()``): no epoch starts that would end after it.
     """
-    return FoldRun(cfg, fold, resume, overwrite).run(on_epoch_end)
+    return FoldRun(cfg, fold, resume, overwrite, deadline).run(on_epoch_end)
 
 
 def train(cfg: Config, folds: str = "all", resume: bool = False, overwrite: bool = False) -> list[FoldResult]:
-    """Train the requested folds one after the other; returns one result per fold."""
-    return [train_fold(cfg, k, resume, overwrite) for k in parse_folds(folds, cfg.data.folds)]
+    """Train the requested folds one after the other (until ``train.time_limit``); one result per fold."""
+    deadline = time.monotonic() + cfg.train.time_limit if cfg.train.time_limit else None
+    results = []
+    for k in parse_folds(folds, cfg.data.folds):
+        results.append(train_fold(cfg, k, resume, overwrite, deadline=deadline))
+        if results[-1].stopped == "time_limit":
+            break
+    return results

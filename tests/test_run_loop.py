@@ -121,7 +121,7 @@ def test_a_fold_prints_where_it_trains_and_an_estimate_after_its_first_epoch(
     assert (
         "fold 0: cpu, 1 CPU thread, amp none, channels_last off, compile off; 6 train / 6 val images, " in out
     )
-    assert "steps per epoch (batch 4 x accum 1), 2 epochs" in out
+    assert "1 step per epoch (batch 4 x accum 1), 2 epochs" in out
     assert "fold 0: " in out and " s per epoch, about " in out and "for the 1 epoch left" in out
 
 
@@ -151,3 +151,61 @@ def test_validate_takes_class_names_as_prepare_does_or_their_number():
     assert parser.parse_args([*common, "5"]).classes == 5
     with pytest.raises(SystemExit):
         parser.parse_args([*common, "Background"])
+
+
+def test_patience_finishes_a_fold_early_and_the_run_counts_as_complete(synthetic_data, tmp_path, monkeypatch):
+    from competition.config import config_from_dict
+    from competition.provenance import read_run
+    from competition.train import FoldRun, train
+
+    original, first = FoldRun.validate, {}
+
+    def flat(self):  # the same validation mIoU every epoch: never better after the first
+        loss, matrix = original(self)
+        return loss, first.setdefault(self.fold, matrix)
+
+    monkeypatch.setattr(FoldRun, "validate", flat)
+    cfg = config_from_dict(tiny_config_dict(synthetic_data, tmp_path, epochs=6, patience=2))
+    (result,) = train(cfg, "0")
+    assert result.stopped == "patience" and len(result.metrics) == 3  # best at 1, then 2 epochs no better
+    assert (result.run_dir / "oof.npz").is_file()
+    fold = read_run(result.run_dir.parent).folds[0]
+    assert fold.stopped_early and fold.finished and fold.epochs_done == 3
+    (again,) = train(cfg, "0", resume=True)  # nothing left to train
+    assert again.stopped == "patience" and len(pd.read_csv(result.run_dir / "metrics.csv")) == 3
+
+
+def test_time_limit_stops_before_an_epoch_that_would_not_fit_and_the_run_resumes(
+    synthetic_data, tmp_path, monkeypatch, capsys
+):
+    from competition.train import FoldRun
+
+    original = FoldRun.epoch
+
+    def slow(self, model, epoch):  # pretend each epoch takes 28 hours
+        row, improved = original(self, model, epoch)
+        row["seconds"] = 1e5
+        return row, improved
+
+    monkeypatch.setattr(FoldRun, "epoch", slow)
+    config = _config(synthetic_data, tmp_path, epochs=3, time_limit="30m")
+    assert main(["train", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "loop"
+    assert "fold 0: train.time_limit leaves no time for epoch 2" in out
+    assert f"train.time_limit reached: continue with competition train --resume {run}" in out
+    assert len(pd.read_csv(run / "fold0" / "metrics.csv")) == 1 and not (run / "fold1").exists()
+    assert not (run / "fold0" / "oof.npz").exists()  # the fold is not finished
+    assert ckpt.load_last(run / "fold0" / ckpt.LAST)["epoch"] == 1
+    monkeypatch.setattr(FoldRun, "epoch", original)
+    assert main(["train", "--resume", str(run), "--fold", "0", "train.time_limit=null"]) == 0
+    assert len(pd.read_csv(run / "fold0" / "metrics.csv")) == 3 and (run / "fold0" / "oof.npz").is_file()
+
+
+def test_durations_read_as_a_kaggle_user_writes_them():
+    from competition.config import TrainConfig, parse_duration
+
+    assert parse_duration("8h30m") == 30600 and parse_duration("90m") == 5400 and parse_duration("45") == 45
+    assert TrainConfig(time_limit="1.5h").time_limit == 5400
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("soon")
