@@ -63,6 +63,7 @@ def cmd_folds(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .data.splits import parse_folds
+    from .preflight import preflight
     from .resume import run_config
     from .train import train
 
@@ -78,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("--config is required (or --resume runs/<name> to continue a run)")
     main = os.environ.get("RANK", "0") == "0"
+    preflight(cfg)  # seconds, before any run folder exists
     try:
         results = train(cfg, args.fold, bool(resume), args.overwrite)
     except KeyboardInterrupt:

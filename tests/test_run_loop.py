@@ -8,6 +8,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from conftest import tiny_config_dict
 
@@ -209,3 +210,50 @@ def test_durations_read_as_a_kaggle_user_writes_them():
     assert TrainConfig(time_limit="1.5h").time_limit == 5400
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration("soon")
+
+
+def test_preflight_fails_in_seconds_naming_the_fault_and_creates_no_run_folder(
+    synthetic_data, tmp_path, capsys
+):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_data["root"], root)
+    raw = tiny_config_dict(synthetic_data, tmp_path) | {"name": "pre"}
+    raw["data"]["root"] = str(tmp_path / "elsewhere")  # a wrong data root
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(raw))
+    started = time.monotonic()
+    assert main(["train", "--config", str(tmp_path / "pre.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "12 of the 12 images named by" in err and "(data.root)" in err
+    raw["data"]["root"] = str(root)
+    first = sorted(root.rglob("train_*.jpg"))[0]
+    first.write_bytes(b"not a jpeg")  # one corrupt image
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(tmp_path / "pre.yaml")]) == 1
+    assert "do not decode" in capsys.readouterr().err
+    shutil.copy(next(p for p in synthetic_data["root"].rglob(first.name)), first)
+    raw["augment"] = {"size": 72}  # smp's FPN needs a multiple of the encoder's output stride
+    raw["model"] = {"arch": "fpn", "encoder_name": "resnet18", "encoder_weights": None}
+    (tmp_path / "pre.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["train", "--config", str(tmp_path / "pre.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "fails at the training crop 72x72 (augment.size)" in err and "multiple of" in err
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "pre").exists()  # no run folder was created
+
+
+def test_preflight_names_the_fix_for_an_encoder_built_for_one_input_size(
+    synthetic_data, tmp_path, monkeypatch
+):
+    from competition import preflight
+    from competition.config import config_from_dict
+
+    class FixedSize(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError(f"Input height ({x.shape[2]}) doesn't match model (224).")
+
+    monkeypatch.setattr(preflight, "build_model", lambda cfg, classes: FixedSize())
+    cfg = config_from_dict(tiny_config_dict(synthetic_data, tmp_path) | {"augment": {"size": 128}})
+    with pytest.raises(preflight.PreflightError, match="dynamic_img_size=true"):
+        preflight.check_model(cfg, (64, 64))

@@ -1,0 +1,75 @@
+"""Checks that take seconds before a training run takes hours. ``competition train`` runs them before it
+creates any run folder, so a wrong data root, an unreadable image, encoder weights that do not resolve or a
+model that cannot run at the training crop fail at once, naming what to fix, and leave nothing behind."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Config, ConfigError
+from .data.images import read_image
+from .data.splits import data_files
+from .runtime import build_model, class_names, main_logits, resolve_device
+
+DECODED = 16  # images decoded (spread over the set); every name is checked to exist
+
+
+class PreflightError(ConfigError):
+    """A training run would fail: found before any epoch."""
+
+
+def check_images(cfg: Config) -> tuple[int, tuple[int, int]]:
+    """Every image the data names exists and ``DECODED`` of them decode; returns the image count and the
+    first decoded image's ``(height, width)``."""
+    files, root = data_files(cfg)
+    source = cfg.data.image_dir if cfg.data.format == "folder" else cfg.data.annotations
+    names = sorted(files.values())
+    if not names:
+        raise PreflightError(f"{source} names no images")
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise PreflightError(
+            f"{len(missing)} of the {len(names)} images named by {source} are not under {root} (data.root): "
+            f"{missing[:3]}{' ...' if len(missing) > 3 else ''}"
+        )
+    shape, bad = None, []
+    for name in names[:: max(1, len(names) // DECODED)][:DECODED]:
+        try:
+            image = read_image(root / name)
+        except OSError as exc:
+            bad.append(str(exc))
+            continue
+        shape = shape or image.shape[:2]
+    if bad:
+        raise PreflightError(f"{len(bad)} of the images tried do not decode: {bad[:3]}")
+    return len(names), shape
+
+
+def check_model(cfg: Config, image_shape: tuple[int, int]) -> None:
+    """The model builds (encoder weights resolve) and runs one forward and backward pass, batch 2, at the
+    training crop (``augment.size``, or full images) on the configured device."""
+    size = cfg.augment.size
+    height, width = (size, size) if size else image_shape
+    device = resolve_device(cfg.train.device)
+    model = build_model(cfg, len(class_names(cfg))).to(device).train()
+    try:
+        output = model(torch.randn(2, cfg.model.in_channels, height, width, device=device))
+        main_logits(output).float().mean().backward()
+    except (RuntimeError, ValueError) as exc:
+        message = str(exc).strip().splitlines()[0]
+        hint = (
+            " The encoder is built for one input size: set model.params.dynamic_img_size=true (timm "
+            "ViT/Swin/MaxViT encoders) or train at its img_size."
+            if "match model" in message or "img_size" in message
+            else " Change augment.size (a multiple of the encoder's output stride, usually 32) or the model."
+        )
+        raise PreflightError(
+            f"model {cfg.model.arch} / {cfg.model.encoder_name} fails at the training crop {height}x{width}"
+            f"{' (augment.size)' if size else ' (full images: augment.size is null)'}: {message}.{hint}"
+        ) from None
+
+
+def preflight(cfg: Config) -> None:
+    """``check_images`` then ``check_model``."""
+    _, shape = check_images(cfg)
+    check_model(cfg, shape)
