@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .runtime import autocast, collate, normalize_weights, sample_id, to_probs
+from .runtime import autocast, collate, normalize_weights, pad_to_multiple, sample_id, to_probs
 
 VIEWS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")
 
@@ -65,16 +65,6 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Mirror-pad bottom/right so H and W divide by ``multiple``; returns the original size for cropping."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        mode = "reflect" if ph < h and pw < w else "replicate"
-        x = F.pad(x, (0, pw, 0, ph), mode=mode)
-    return x, (h, w)
 
 
 @dataclass

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data._utils.collate import default_collate
 
 from smp_unet3p import create_model
@@ -150,6 +151,17 @@ def to_probs(output: Any, classes: int | None = None) -> torch.Tensor:
     if classes is not None and probs.shape[1] != classes:
         raise ValueError(f"the model outputs {logits.shape[1]} channels for {classes} classes")
     return probs
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Mirror-pad bottom/right so H and W divide by ``multiple`` (a model's output stride); returns the
+    original size for cropping."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = F.pad(x, (0, pw, 0, ph), mode=mode)
+    return x, (h, w)
 
 
 def eval_outputs(model: nn.Module, images: torch.Tensor) -> tuple[Any, torch.Tensor]:

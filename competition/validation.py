@@ -8,11 +8,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from .config import Config
 from .metrics import ConfusionMatrix
-from .runtime import autocast, batch_to_device, eval_outputs, to_probs
+from .runtime import autocast, batch_to_device, eval_outputs, pad_to_multiple, to_probs, unwrap
 
 
 @torch.no_grad()
@@ -27,15 +28,21 @@ def evaluate(
     all_reduce: bool = True,
 ) -> tuple[float, ConfusionMatrix]:
     """Mean validation loss (on ungated logits) and the confusion matrix of the whole loader (summed over
-    DDP ranks when ``all_reduce``). ``on_batch(batch, probs)`` sees each batch's probabilities."""
+    DDP ranks when ``all_reduce``). ``on_batch(batch, probs)`` sees each batch's probabilities. Images of
+    any size are mirror-padded to the encoder's output stride (the padding's labels ignored) and the
+    predictions cropped back, as ``predict`` does."""
     model.eval()
     matrix = ConfusionMatrix(classes, cfg.loss.ignore_index, device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    stride = getattr(getattr(unwrap(model), "encoder", None), "output_stride", 32)
     for batch in loader:
         images, masks = batch_to_device(batch, device, cfg.train.channels_last)
+        images, (h, w) = pad_to_multiple(images, stride)  # any image size: padded, and cropped back
+        padded = F.pad(masks, (0, images.shape[-1] - w, 0, images.shape[-2] - h), value=cfg.loss.ignore_index)
         with autocast(device, cfg.train.amp):
             loss_output, logits = eval_outputs(model, images)
-            loss = criterion(loss_output, masks)
+            loss = criterion(loss_output, padded)
+        logits = logits[..., :h, :w]
         loss_sum += torch.stack([loss.double() * len(images), loss_sum.new_tensor(len(images))])
         probs = to_probs(logits, classes)
         matrix.update(probs.argmax(1), masks)

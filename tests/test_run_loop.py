@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -257,3 +258,27 @@ def test_preflight_names_the_fix_for_an_encoder_built_for_one_input_size(
     cfg = config_from_dict(tiny_config_dict(synthetic_data, tmp_path) | {"augment": {"size": 128}})
     with pytest.raises(preflight.PreflightError, match="dynamic_img_size=true"):
         preflight.check_model(cfg, (64, 64))
+
+
+def test_validation_pads_any_image_size_to_the_stride_and_scores_the_original_pixels(
+    synthetic_data, tmp_path
+):
+    """CamVid-like frames (here 40x56) reach a model that needs multiples of 32 (smp FPN)."""
+    from competition.config import config_from_dict
+    from competition.optim import build_criterion
+    from competition.runtime import build_model
+    from competition.validation import evaluate
+
+    raw = tiny_config_dict(synthetic_data, tmp_path)
+    raw["model"] = {"arch": "fpn", "encoder_name": "resnet18", "encoder_weights": None}
+    cfg = config_from_dict(raw)
+    model = build_model(cfg, 3)
+    masks = torch.randint(0, 3, (2, 40, 56))
+    masks[0, 0, :10] = 255  # ignored pixels stay ignored
+    batch = {"image": torch.randn(2, 3, 40, 56), "mask": masks}
+    seen = []
+    loss, matrix = evaluate(
+        model, [batch], build_criterion(cfg, 3), 3, torch.device("cpu"), cfg, lambda b, p: seen.append(p)
+    )
+    assert seen[0].shape == (2, 3, 40, 56)  # cropped back to the image
+    assert int(matrix.matrix.sum()) == 2 * 40 * 56 - 10 and np.isfinite(loss)
