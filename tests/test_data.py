@@ -165,11 +165,15 @@ def test_bad_annotations_are_skipped_with_counts(tmp_path):
     assert [a["id"] for a in coco.annotations[1]] == [1]
 
 
-def test_safe_join_blocks_symlink_escape(tmp_path):
+def test_safe_join_follows_linked_folders_but_refuses_climbing_names(tmp_path):
     (tmp_path / "root").mkdir()
-    (tmp_path / "root" / "link").symlink_to(tmp_path)
-    with pytest.raises(CocoFormatError, match="resolves outside"):
-        safe_join(tmp_path / "root", "link/secret.png")
+    (tmp_path / "mount").mkdir()
+    (tmp_path / "mount" / "a.png").write_bytes(b"x")
+    (tmp_path / "root" / "images").symlink_to(tmp_path / "mount")  # a read-only dataset mount
+    assert safe_join(tmp_path / "root", "images/a.png").read_bytes() == b"x"
+    for name in ("../mount/a.png", "images/../../mount/a.png", "/etc/passwd", "C:\\x.png"):
+        with pytest.raises(CocoFormatError, match="escapes the data root"):
+            safe_join(tmp_path / "root", name)
 
 
 def test_read_image_variants_and_errors(tmp_path):

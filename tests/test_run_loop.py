@@ -282,3 +282,30 @@ def test_validation_pads_any_image_size_to_the_stride_and_scores_the_original_pi
     )
     assert seen[0].shape == (2, 3, 40, 56)  # cropped back to the image
     assert int(matrix.matrix.sum()) == 2 * 40 * 56 - 10 and np.isfinite(loss)
+
+
+def test_rotate90_keeps_full_frames_one_shape_and_turns_squares_freely():
+    from competition.config import AugmentConfig
+    from competition.data.transforms import build_train_transform
+
+    tf = build_train_transform(AugmentConfig(size=None, rotate90=1.0, hflip=0.0, normalize="none"))
+    frame = np.zeros((36, 48, 3), np.uint8)
+    shapes = {tf(image=frame, mask=frame[..., 0])["mask"].shape for _ in range(40)}
+    assert shapes == {(36, 48)}
+    square = np.zeros((40, 40, 3), np.uint8)
+    square[0, 1] = 255  # an asymmetric mark shows which of the 4 turns was taken
+    turns = {tuple(np.argwhere(tf(image=square, mask=square[..., 0])["mask"] == 255)[0]) for _ in range(60)}
+    assert len(turns) == 4
+
+
+def test_a_fold_without_training_images_is_an_error_naming_the_fold_and_file(synthetic_data, tmp_path):
+    from competition.config import ConfigError, config_from_dict
+    from competition.data.splits import build_datasets
+
+    table = pd.read_csv(synthetic_data["folds"])
+    table["fold"] = 0  # one fold holding every image
+    table.to_csv(tmp_path / "one.csv", index=False)
+    raw = tiny_config_dict(synthetic_data, tmp_path)
+    raw["data"]["folds"] = str(tmp_path / "one.csv")
+    with pytest.raises(ConfigError, match=r"fold 0 of .*one\.csv leaves no training images"):
+        build_datasets(config_from_dict(raw), 0)

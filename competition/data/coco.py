@@ -63,7 +63,9 @@ class CocoFormatError(ValueError):
 
 
 def safe_join(root: str | os.PathLike, file_name: str) -> Path:
-    """``root / file_name``, refusing names that are absolute or climb out of ``root``."""
+    """``root / file_name``, refusing names that are absolute or climb out of ``root`` (``..``). A folder
+    the user linked into the root (a read-only dataset mount, a shared folder) is the user's choice, and
+    followed."""
     if not isinstance(file_name, str) or not file_name.strip():
         raise CocoFormatError(f"empty or non-string file name {file_name!r}")
     posix, windows = PurePosixPath(file_name), PureWindowsPath(file_name)
@@ -75,11 +77,7 @@ def safe_join(root: str | os.PathLike, file_name: str) -> Path:
         or ".." in windows.parts
     ):
         raise CocoFormatError(f"file name {file_name!r} escapes the data root {root}")
-    root = Path(root).resolve()
-    path = (root / file_name).resolve()
-    if root != path and root not in path.parents:  # e.g. through a symlink
-        raise CocoFormatError(f"file name {file_name!r} resolves outside the data root {root}")
-    return path
+    return Path(root).resolve() / file_name  # folders the user linked into the root are followed
 
 
 def _norm(name: str) -> str:

@@ -89,6 +89,10 @@ def read_folds(cfg: Config, fold: int, actual: dict[str, str], source: str) -> t
     if fold not in folds:
         raise ConfigError(f"fold {fold} not in {path} (folds: {folds})")
     val = table["fold"] == fold
+    if val.all():
+        raise ConfigError(
+            f"fold {fold} of {path} leaves no training images: every image is in it (folds: {folds})"
+        )
     return table.loc[~val, "image_id"].tolist(), table.loc[val, "image_id"].tolist()
 
 
@@ -207,4 +211,13 @@ def _without_excluded(
     if cfg.data.exclude is None:
         return train_ids, val_ids
     drop = read_exclude(cfg.data.exclude, actual.values())
-    return [i for i in train_ids if actual[i] not in drop], [i for i in val_ids if actual[i] not in drop]
+    train, val = (
+        [i for i in train_ids if actual[i] not in drop],
+        [i for i in val_ids if actual[i] not in drop],
+    )
+    if not train or not val:
+        split = "training" if not train else "validation"
+        raise ConfigError(
+            f"data.exclude {cfg.data.exclude} leaves no {split} images in this fold of {cfg.data.folds}"
+        )
+    return train, val

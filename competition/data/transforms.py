@@ -20,6 +20,15 @@ def _normalize(aug: Any) -> list[A.BasicTransform]:
     return [A.Normalize(mean=0.0, std=1.0)]  # just scale to [0, 1]
 
 
+class ShapeKeepingRotate90(A.RandomRotate90):
+    """``RandomRotate90`` that turns a non-square image by 0 or 180 degrees only, so full frames of one size
+    (``augment.size: null``) keep one shape and still batch; square images turn by any multiple of 90."""
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        return {"factor": params["factor"] // 2 * 2} if height != width else {}
+
+
 def build_train_transform(aug: Any) -> A.Compose:
     """Geometric + colour augmentation, random crop to ``aug.size`` (mask padding = ignore), normalisation.
 
@@ -34,7 +43,7 @@ def build_train_transform(aug: Any) -> A.Compose:
     if aug.vflip:
         steps.append(A.VerticalFlip(p=aug.vflip))
     if aug.rotate90:
-        steps.append(A.RandomRotate90(p=aug.rotate90))
+        steps.append(ShapeKeepingRotate90(p=aug.rotate90))
     if aug.shift_scale_rotate:
         steps.append(
             A.Affine(
