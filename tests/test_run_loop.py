@@ -309,3 +309,30 @@ def test_a_fold_without_training_images_is_an_error_naming_the_fold_and_file(syn
     raw["data"]["folds"] = str(tmp_path / "one.csv")
     with pytest.raises(ConfigError, match=r"fold 0 of .*one\.csv leaves no training images"):
         build_datasets(config_from_dict(raw), 0)
+
+
+def test_every_command_line_in_the_readme_parses_as_written():
+    """The README's ``competition ...`` lines (continuations joined, comments dropped) name only options
+    that exist and give every required one, so the examples cannot drift from the CLI again."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from competition.cli import build_parser
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            start = line.find("competition ")
+            if start >= 0:
+                lines.append(re.sub(r"\s+#.*$", "", line[start:].split("&&")[0]).strip())
+    assert len(lines) >= 15
+    parser = build_parser()
+    for line in lines:
+        try:
+            args, extra = parser.parse_known_args(shlex.split(line)[1:])
+        except SystemExit:
+            pytest.fail(f"README line does not parse: {line}")
+        assert all("=" in e and not e.startswith("-") for e in extra), line
+        assert not extra or hasattr(args, "overrides"), line
