@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
         "used: no --config, and overrides only for train.epochs (larger: extends the run) and settings that "
         "keep the resume exact (train.workers, device, progress, loggers, val_batch_size, checkpoint_every)",
     )  # fmt: skip
+    p.add_argument(
+        "--init-from", type=Path, default=None, metavar="RUN_DIR|FILE",
+        help="start from another run's best weights, fold k from its fold k (same folds file, checked; "
+        "train.init_any_folds=true accepts another), or from one .safetensors file (train.init_from)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=commands.cmd_train)

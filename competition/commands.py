@@ -68,6 +68,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     resume, overrides = args.resume, list(args.overrides)
+    if args.init_from is not None:
+        overrides.append(f"train.init_from={args.init_from.resolve()}")
     if isinstance(resume, str) and "=" in resume and not Path(resume).is_dir():
         resume, overrides = True, [resume, *overrides]  # `--resume key=value`: an override, not a folder
     if isinstance(resume, str):

@@ -290,6 +290,8 @@ class TrainConfig(_Section):
         default=None, ge=1
     )  # stop a fold after this many epochs without a better mIoU
     time_limit: float | None = Field(default=None, gt=0)  # seconds for the whole `train` command, or "8h30m"
+    init_from: str | None = None  # another run's folder (fold k from its fold k) or a .safetensors file
+    init_any_folds: bool = False  # accept a teacher run trained on another folds file (leaks validation)
     device: str = "auto"
     nan_policy: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = Field(default=10, ge=0)

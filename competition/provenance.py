@@ -37,7 +37,11 @@ from .io import atomic_write_text, file_hash
 KEY = "provenance"
 # keys a resume may change (they do not change what the run learns): left out of the config hash
 VOLATILE_TRAIN_KEYS = ("workers", "progress", "loggers", "device", "val_batch_size", "threads", "time_limit")
-LATER_TRAIN_KEYS = {"patience": None}  # hashed only when set, so runs made before them keep their hash
+LATER_TRAIN_KEYS = {
+    "patience": None,
+    "init_from": None,
+    "init_any_folds": False,
+}  # hashed only when set, so runs made before them keep their hash
 
 
 class ProvenanceError(CheckpointError):

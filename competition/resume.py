@@ -1,4 +1,5 @@
-"""Continuing a run from its folder: ``competition train --resume RUN_DIR``.
+"""Continuing a run from its folder (``competition train --resume RUN_DIR``), and starting one from another
+run's weights (``train --init-from RUN_DIR|FILE``, ``init_weights``).
 
 The run's own ``config.yaml`` (paths already resolved) is the config, so nothing given when it started has
 to be repeated. Overrides given with it may only change what a resume keeps exact (``MAY_CHANGE``: workers,
@@ -94,3 +95,39 @@ def restore(run: Any) -> None:
         run.rows = pd.read_csv(metrics).query(f"epoch <= {run.start_epoch}").to_dict("records")
     if run.ddp.main:
         print(f"fold {run.fold}: resuming after epoch {run.start_epoch} from {last}")
+
+
+def init_weights(model: Any, cfg: Config, fold: int, announce: bool = False) -> Any:
+    """Load ``train.init_from`` into a new fold's ``model``: a ``.safetensors`` file as it is, or a run
+    folder's fold-``fold`` best weights. That run must have been trained on the same folds file: its fold-k
+    model never saw fold k's images, which are this fold's validation set. Another folds file is refused
+    (its models trained on this fold's validation images: the validation score would be optimistic) unless
+    ``train.init_any_folds``. Returns ``model``; ``announce`` prints what was loaded."""
+    from .io import file_hash
+    from .provenance import read_run
+
+    source = cfg.train.init_from
+    if not source:
+        return model
+    path = Path(source)
+    if path.is_file():
+        ckpt.load_weights(model, path)
+        if announce:
+            print(f"fold {fold}: initialised from {path}")
+        return model
+    if not path.is_dir():
+        raise ConfigError(f"train.init_from {source} is neither a weights file nor a run folder")
+    teacher = read_run(path)
+    if fold not in teacher.folds or not teacher.folds[fold].has_best:
+        raise ConfigError(f"train.init_from {source} has no best weights of fold {fold}")
+    if teacher.folds_hash != file_hash(cfg.data.folds) and not cfg.train.init_any_folds:
+        raise ConfigError(
+            f"train.init_from {source} was trained on another folds file than {cfg.data.folds}: its fold "
+            f"{fold} model trained on images that fold {fold} validates on, so the validation score would be "
+            "optimistic. Use the same folds file, or set train.init_any_folds=true to accept it"
+        )
+    weights = teacher.folds[fold].dir / ckpt.BEST_WEIGHTS
+    ckpt.load_weights(model, weights)
+    if announce:
+        print(f"fold {fold}: initialised from {weights}")
+    return model

@@ -48,14 +48,14 @@ from .data.splits import build_datasets, parse_folds
 from .data.transforms import EpochSeeded
 from .io import OutputExistsError, atomic_write_csv, atomic_write_text, remove, uninterrupted
 from .metrics import ConfusionMatrix
-from .oof import OOF_FILE, OofWriter
+from .oof import OOF_FILE
 from .optim import build_criterion, build_optimizer, build_scheduler
 from .provenance import config_hash, folds_record, patience_spent
 from .records import best_meta, epoch_line, estimate_line, startup_line, write_curves
-from .resume import restore
+from .resume import init_weights, restore
 from .runtime import autocast, batch_to_device, build_model, collate, cpu_threads, init_distributed, unwrap
 from .tracking import TRACKING, Trackers
-from .validation import evaluate
+from .validation import evaluate, write_oof
 
 PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one reads the loss from the device)
 
@@ -100,7 +100,8 @@ class FoldRun:
 
         self.origin = {"config_hash": config_hash(cfg), **folds_record(cfg.data.folds)}
         self.train_set, self.val_set, self.names = build_datasets(cfg, fold, self.ddp)
-        self.model = build_model(cfg, len(self.names)).to(self.device)
+        model = build_model(cfg, len(self.names))
+        self.model = init_weights(model, cfg, fold, announce=self.ddp.main and not resume).to(self.device)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         multi_avg = get_ema_multi_avg_fn(cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -315,21 +316,7 @@ class FoldRun:
 
     def write_oof(self) -> float:
         """Predict the validation fold with the best weights into ``oof.npz``; returns its mIoU."""
-        cfg = self.cfg
-        model, _, _ = ckpt.load_fold_model(self.run_dir, self.device)
-        if cfg.train.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        loader = DataLoader(
-            self.val_set, batch_size=self.val_batch, collate_fn=collate, num_workers=cfg.train.workers
-        )
-        path = self.run_dir / OOF_FILE
-        args = (cfg.train.oof, cfg.train.oof_size, self.names, self.fold, cfg.loss.ignore_index)
-        with OofWriter(path, *args, {"run": cfg.name, **self.origin}) as writer:
-            classes = len(self.names)
-            _, matrix = evaluate(
-                model, loader, self.criterion, classes, self.device, cfg, writer.add, all_reduce=False
-            )
-        return matrix.miou()
+        return write_oof(self)
 
 
 def train_fold(

@@ -11,9 +11,11 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from . import checkpoint as ckpt
 from .config import Config
 from .metrics import ConfusionMatrix
-from .runtime import autocast, batch_to_device, eval_outputs, pad_to_multiple, to_probs, unwrap
+from .oof import OOF_FILE, OofWriter
+from .runtime import autocast, batch_to_device, collate, eval_outputs, pad_to_multiple, to_probs, unwrap
 
 
 @torch.no_grad()
@@ -52,3 +54,21 @@ def evaluate(
         dist.all_reduce(loss_sum)
         matrix.all_reduce()
     return float(loss_sum[0] / loss_sum[1].clamp(min=1)), matrix
+
+
+def write_oof(run: Any) -> float:
+    """A ``train.FoldRun``'s validation fold predicted by its best weights into ``oof.npz`` (``oof``);
+    returns their mIoU."""
+    cfg = run.cfg
+    model, _, _ = ckpt.load_fold_model(run.run_dir, run.device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loader = DataLoader(
+        run.val_set, batch_size=run.val_batch, collate_fn=collate, num_workers=cfg.train.workers
+    )
+    args = (cfg.train.oof, cfg.train.oof_size, run.names, run.fold, cfg.loss.ignore_index)
+    with OofWriter(run.run_dir / OOF_FILE, *args, {"run": cfg.name, **run.origin}) as writer:
+        _, matrix = evaluate(
+            model, loader, run.criterion, len(run.names), run.device, cfg, writer.add, all_reduce=False
+        )
+    return matrix.miou()

@@ -336,3 +336,43 @@ def test_every_command_line_in_the_readme_parses_as_written():
             pytest.fail(f"README line does not parse: {line}")
         assert all("=" in e and not e.startswith("-") for e in extra), line
         assert not extra or hasattr(args, "overrides"), line
+
+
+def test_init_from_another_run_loads_its_fold_weights_and_refuses_other_folds(
+    synthetic_data, tmp_path, capsys
+):
+    import safetensors.torch
+
+    from competition.config import ConfigError, config_from_dict
+    from competition.resume import init_weights
+    from competition.runtime import build_model
+
+    teacher = _config(synthetic_data, tmp_path, name="teacher", epochs=1)
+    assert main(["train", "--config", str(teacher)]) == 0
+    student = config_from_dict(tiny_config_dict(synthetic_data, tmp_path) | {"name": "student"})
+    raw = student.model_dump(mode="json")
+    raw["train"]["init_from"] = str(tmp_path / "teacher")
+    cfg = config_from_dict(raw)
+    model = init_weights(build_model(cfg, 11), cfg, 1, announce=True)
+    expected = safetensors.torch.load_file(str(tmp_path / "teacher" / "fold1" / "best.safetensors"))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in expected.items())
+    assert (
+        f"fold 1: initialised from {tmp_path / 'teacher' / 'fold1' / 'best.safetensors'}"
+        in capsys.readouterr().out
+    )
+    table = pd.read_csv(synthetic_data["folds"])
+    table["fold"] = 1 - table["fold"]  # the same images, other folds: the teacher's fold 1 saw this fold 1
+    table.to_csv(tmp_path / "other.csv", index=False)
+    raw["data"]["folds"] = str(tmp_path / "other.csv")
+    with pytest.raises(ConfigError, match="another folds file"):
+        init_weights(build_model(config_from_dict(raw), 11), config_from_dict(raw), 1)
+    raw["train"]["init_any_folds"] = True
+    init_weights(build_model(config_from_dict(raw), 11), config_from_dict(raw), 1)  # asked for: accepted
+    raw["train"]["init_from"] = str(tmp_path / "teacher" / "fold0" / "best.safetensors")  # one file
+    init_weights(build_model(config_from_dict(raw), 11), config_from_dict(raw), 0)
+    # the CLI flag: a new run that starts from the teacher, fold by fold
+    assert main(["train", "--config", str(_config(synthetic_data, tmp_path, name="s2", epochs=1)),
+                 "--init-from", str(tmp_path / "teacher"), "--fold", "0"]) == 0  # fmt: skip
+    assert "fold 0: initialised from" in capsys.readouterr().out
+    assert ckpt.read_run_config(tmp_path / "s2" / "fold0").train.init_from == str(tmp_path / "teacher")
