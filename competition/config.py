@@ -233,14 +233,15 @@ class SchedulerConfig(_Section):
 
 
 class AugmentConfig(_Section):
-    """Albumentations pipeline; probabilities in [0, 1]. ``size``: random training crop (padded if small).
+    """Albumentations pipeline; probabilities in [0, 1]. ``size``: random training crop (padded if small);
+    ``eval_size``: validation / prediction resize. Each is a side (square) or ``[height, width]``.
 
     ``copy_paste``: probability of pasting 1..``copy_paste_objects`` object instances (COCO annotations of the
     fold's training split) into a training image, resized by a factor in ``copy_paste_scale``, the class drawn
     uniformly first when ``copy_paste_balanced`` (see ``competition.data.copy_paste``).
     """
 
-    size: int | None = Field(default=None, ge=32)
+    size: int | tuple[int, int] | None = None
     hflip: float = Field(default=0.5, ge=0.0, le=1.0)
     vflip: float = Probability
     rotate90: float = Probability
@@ -248,11 +249,24 @@ class AugmentConfig(_Section):
     elastic: float = Probability
     color: float = Probability
     normalize: Literal["imagenet", "none"] = "imagenet"
-    eval_size: int | None = Field(default=None, ge=32)
+    eval_size: int | tuple[int, int] | None = None
     copy_paste: float = Probability
     copy_paste_objects: int = Field(default=3, ge=1)
     copy_paste_scale: tuple[float, float] = (0.5, 1.5)
     copy_paste_balanced: bool = True
+
+    @field_validator("size", "eval_size")
+    @classmethod
+    def _sides(cls, value: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        sides = (value,) if isinstance(value, int) else value or ()
+        if any(side < 32 for side in sides):
+            raise ValueError(f"sides of at least 32 pixels, got {value}")
+        return value
+
+    @staticmethod
+    def hw(value: int | tuple[int, int] | None) -> tuple[int, int] | None:
+        """``(height, width)`` of ``size`` / ``eval_size``."""
+        return None if value is None else (value, value) if isinstance(value, int) else tuple(value)
 
     @field_validator("copy_paste_scale")
     @classmethod

@@ -78,7 +78,7 @@ class ModelSpec:
     weight: float = 1.0
     multiple: int = 32
     name: str = "model"
-    input_size: int | None = None
+    input_size: tuple[int, int] | None = None  # (height, width)
     fold: int | None = None
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -198,7 +198,7 @@ class Ensemble:
                 continue
             x = spec.normalize(images)
             if spec.input_size is not None:
-                x = _resize(x, (spec.input_size, spec.input_size))
+                x = _resize(x, spec.input_size)
             p = _resize(sliding_window_probs(spec, x, self.opts), size) * float(weight)
             out = p if out is None else out + p
         return out
@@ -252,7 +252,7 @@ def load_runs(
                     IMAGENET_STD if imagenet else None,
                     weight=float(run_weight) / len(dirs),
                     name=f"{cfg.name}/{d.name}",
-                    input_size=cfg.augment.eval_size,
+                    input_size=cfg.augment.hw(cfg.augment.eval_size),
                     fold=int(meta["fold"]),
                 )
             )

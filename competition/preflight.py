@@ -49,7 +49,7 @@ def check_model(cfg: Config, image_shape: tuple[int, int]) -> None:
     """The model builds (encoder weights resolve) and runs one forward and backward pass, batch 2, at the
     training crop (``augment.size``, or full images) on the configured device."""
     size = cfg.augment.size
-    height, width = (size, size) if size else image_shape
+    height, width = cfg.augment.hw(size) or image_shape
     device = resolve_device(cfg.train.device)
     model = build_model(cfg, len(class_names(cfg))).to(device).train()
     try:

@@ -130,8 +130,8 @@ def test_ensemble_predicts_each_model_at_its_eval_size(trained_run, tmp_path):
             seen.append(tuple(x.shape[-2:]))
             return torch.zeros(x.shape[0], 2, *x.shape[-2:])
 
-    probs = Ensemble([ModelSpec(Recorder(), None, None, input_size=32)])(torch.rand(1, 3, 64, 48))
-    assert seen == [(32, 32)] and probs.shape == (1, 2, 64, 48)
+    probs = Ensemble([ModelSpec(Recorder(), None, None, input_size=(32, 64))])(torch.rand(1, 3, 64, 48))
+    assert seen == [(32, 64)] and probs.shape == (1, 2, 64, 48)
 
     cfg, results = trained_run
     fold = tmp_path / "fold0"
@@ -140,7 +140,10 @@ def test_ensemble_predicts_each_model_at_its_eval_size(trained_run, tmp_path):
     saved["augment"]["eval_size"] = 32
     (fold / "config.yaml").write_text(yaml.safe_dump(saved))
     specs, _ = load_specs([fold])
-    assert specs[0].input_size == 32
+    assert specs[0].input_size == (32, 32)  # a side: square
+    saved["augment"]["eval_size"] = [32, 64]  # [height, width] for non-square frames
+    (fold / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert load_specs([fold])[0][0].input_size == (32, 64)
 
 
 # ------------------------------------------------------------------ 5. resume keeps the better best

@@ -376,3 +376,16 @@ def test_init_from_another_run_loads_its_fold_weights_and_refuses_other_folds(
                  "--init-from", str(tmp_path / "teacher"), "--fold", "0"]) == 0  # fmt: skip
     assert "fold 0: initialised from" in capsys.readouterr().out
     assert ckpt.read_run_config(tmp_path / "s2" / "fold0").train.init_from == str(tmp_path / "teacher")
+
+
+def test_crop_and_eval_sizes_take_height_and_width():
+    from competition.config import AugmentConfig, ConfigError, config_from_dict
+    from competition.data.transforms import build_eval_transform, build_train_transform
+
+    aug = AugmentConfig(size=[64, 96], eval_size=[48, 80], hflip=0.0, normalize="none")
+    frame = np.zeros((120, 160, 3), np.uint8)
+    assert build_train_transform(aug)(image=frame, mask=frame[..., 0])["mask"].shape == (64, 96)
+    assert build_eval_transform(aug)(image=frame, mask=frame[..., 0])["mask"].shape == (48, 80)
+    assert AugmentConfig(size=64).hw(64) == (64, 64)
+    with pytest.raises(ConfigError, match="at least 32"):
+        config_from_dict({"data": {"root": "."}, "augment": {"size": [16, 64]}})

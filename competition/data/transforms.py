@@ -37,7 +37,8 @@ def build_train_transform(aug: Any) -> A.Compose:
     """
     steps: list[A.BasicTransform] = []
     if aug.size is not None:
-        steps.append(A.RandomCrop(aug.size, aug.size, pad_if_needed=True, fill=0, fill_mask=IGNORE_INDEX))
+        height, width = aug.hw(aug.size)
+        steps.append(A.RandomCrop(height, width, pad_if_needed=True, fill=0, fill_mask=IGNORE_INDEX))
     if aug.hflip:
         steps.append(A.HorizontalFlip(p=aug.hflip))
     if aug.vflip:
@@ -66,7 +67,7 @@ def build_eval_transform(aug: Any) -> A.Compose:
     """Deterministic: optional resize to ``aug.eval_size`` then the training normalisation."""
     steps: list[A.BasicTransform] = []
     if aug.eval_size is not None:
-        steps.append(A.Resize(aug.eval_size, aug.eval_size))
+        steps.append(A.Resize(*aug.hw(aug.eval_size)))
     return A.Compose(steps + _normalize(aug))
 
 
