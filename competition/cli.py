@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="ensemble fold checkpoints (+TTA, sliding window) on test images -> validated submission CSV",
     )
-    _add_prediction_inputs(p, "test COCO json (images only), e.g. DATA/test.json")
+    _add_prediction_inputs(p, "test COCO json (only 'images' is needed), e.g. DATA/test.json", folder=True)
     p.add_argument("--out", required=True, type=Path, help="submission CSV to write")
     _add_inference_args(p)
     _add_submission_args(p)
@@ -313,12 +313,21 @@ def _add_allow_partial(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _add_prediction_inputs(p: argparse.ArgumentParser, test_help: str) -> None:
+def _add_prediction_inputs(p: argparse.ArgumentParser, test_help: str, folder: bool = False) -> None:
+    """``--runs``, ``--weights``, ``--data-root`` and ``--test``; with ``folder``, ``--images DIR`` instead of
+    the last two (every image under DIR, no json)."""
     _add_allow_partial(p)
     p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs (every fold) or fold dirs")
     p.add_argument("--weights", default=None, help="comma-separated weight per run (default: equal)")
-    p.add_argument("--data-root", required=True, type=Path, help="folder the test file names are relative to")
-    p.add_argument("--test", required=True, type=Path, help=test_help)
+    p.add_argument(
+        "--data-root", required=not folder, type=Path, help="folder the test file names are relative to"
+    )
+    p.add_argument("--test", required=not folder, type=Path, help=test_help)
+    if folder:
+        p.add_argument(
+            "--images", type=Path, default=None, metavar="DIR",
+            help="instead of --data-root and --test: every image under DIR, ids = paths relative to DIR",
+        )  # fmt: skip
 
 
 def _add_runs_args(p: argparse.ArgumentParser) -> None:

@@ -121,12 +121,16 @@ def _floats(text: str | None) -> list[float] | None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .infer import predict
 
+    given = [args.data_root is not None, args.test is not None]
+    if (args.images is not None and any(given)) or (args.images is None and not all(given)):
+        raise ConfigError("give --images DIR, or --data-root and --test (not both)")
     summary = predict(
         args.runs,
-        args.data_root,
-        args.test,
+        args.images or args.data_root,
+        args.images or args.test,
         args.out,
         weights=_floats(args.weights),
         opts=_inference_options(args),

@@ -39,14 +39,15 @@ def predict(
     postprocess: str | os.PathLike | None = None,
     allow_partial: bool = False,
 ) -> dict[str, Any]:
-    """Predict every image of ``test_json`` with the weighted ensemble of every fold of ``runs`` (+ TTA) and
-    write the submission (validated, atomic) with its provenance beside it (``submission.provenance.json``);
+    """Predict every image of ``test_json`` (a COCO json, or a folder: every image under it) with the
+    weighted ensemble of every fold of ``runs`` (+ TTA) and write the submission (validated, atomic) with its
+    provenance beside it (``submission.provenance.json``);
     optionally the probabilities (``save_probs``, float16 at ``probs_size``, 0 / ``None``: native) for later
     multi-run ensembling, and overlay PNGs of the first ``overlays`` images. ``size=None``: native-size
     masks. ``postprocess``: a ``postprocess.json`` (tuned on OOF) applied to each submission mask. Runs whose
     folds did not all finish are refused unless ``allow_partial`` (the provenance records it).
     """
-    from .data.coco import load_coco, safe_join
+    from .data.coco import folder_index, load_coco, safe_join
     from .data.datasets import TestImageDataset, read_image
     from .data.stats import save_panels
     from .io import NpzStreamWriter, check_writable
@@ -58,7 +59,7 @@ def predict(
     check_writable(out, overwrite)
     if save_probs:
         check_writable(save_probs, overwrite)
-    coco = load_coco(test_json, data_root)
+    coco = folder_index(test_json) if Path(test_json).is_dir() else load_coco(test_json, data_root)
     loaded = load_runs(runs, weights, device, allow_partial)
     specs, names = loaded.specs, loaded.names
     post = PostProcess.load(postprocess, names) if postprocess else None

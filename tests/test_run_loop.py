@@ -389,3 +389,37 @@ def test_crop_and_eval_sizes_take_height_and_width():
     assert AugmentConfig(size=64).hw(64) == (64, 64)
     with pytest.raises(ConfigError, match="at least 32"):
         config_from_dict({"data": {"root": "."}, "augment": {"size": [16, 64]}})
+
+
+def test_predict_a_folder_of_images_or_a_json_of_images_only(trained_run, synthetic_data, tmp_path, capsys):
+    import json
+    import shutil
+
+    cfg, _ = trained_run
+    run = str(cfg.output_dir / cfg.name)
+    test = json.loads(synthetic_data["test"].read_text())
+    folder = tmp_path / "images"
+    for image in test["images"]:
+        (folder / image["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(synthetic_data["root"] / image["file_name"], folder / image["file_name"])
+    common = ["predict", "--runs", run, "--workers", "0", "--overlays", "0", "--tta", "none"]
+    assert main([*common, "--images", str(folder), "--out", str(tmp_path / "a.csv")]) == 0
+    only_images = tmp_path / "images_only.json"
+    only_images.write_text(json.dumps({"images": test["images"]}))  # no categories, no annotations
+    args = [
+        "--data-root",
+        str(synthetic_data["root"]),
+        "--test",
+        str(only_images),
+        "--out",
+        str(tmp_path / "b.csv"),
+    ]
+    assert main([*common, *args]) == 0
+    a, b = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
+    assert sorted(a["image_id"]) == sorted(b["image_id"]) == sorted(i["file_name"] for i in test["images"])
+    assert a.set_index("image_id").sort_index().equals(b.set_index("image_id").sort_index())
+    assert (
+        main([*common, "--images", str(folder), "--test", str(only_images), "--out", str(tmp_path / "c.csv")])
+        == 1
+    )
+    assert "give --images DIR, or --data-root and --test" in capsys.readouterr().err

@@ -186,6 +186,22 @@ class CocoIndex:
         return list(self.images)
 
 
+def folder_index(folder: str | os.PathLike) -> CocoIndex:
+    """Every image under ``folder`` (recursively, in path order) as a COCO index without annotations, its
+    file names relative to ``folder``: a test set that needs no json."""
+    from .images import IMAGE_SUFFIXES, read_image
+
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise CocoFormatError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    images = {}
+    for i, path in enumerate(files):
+        height, width = read_image(path).shape[:2]
+        images[i] = ImageInfo(i, path.relative_to(folder).as_posix(), height, width)
+    return CocoIndex(folder, images, {}, {i: [] for i in images})
+
+
 def _fatal(path: Path, message: str) -> CocoFormatError:
     return CocoFormatError(f"{path}: {message}")
 
@@ -228,7 +244,10 @@ def load_coco(path: str | os.PathLike, data_root: str | os.PathLike | None = Non
         raise _fatal(path, f"not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise _fatal(path, f"top level must be an object, got {type(data).__name__}")
-    missing = [k for k in ("images", "categories") if k not in data]
+    needed = (
+        ("images", "categories") if data.get("annotations") else ("images",) if isinstance(data, dict) else ()
+    )
+    missing = [k for k in needed if k not in data]
     if missing:
         raise _fatal(path, f"missing top-level keys {missing}")
     for key in ("images", "categories", "annotations"):
@@ -236,7 +255,7 @@ def load_coco(path: str | os.PathLike, data_root: str | os.PathLike | None = Non
             raise _fatal(path, f"'{key}' must be a list")
 
     categories: dict[int, str] = {}
-    for i, cat in enumerate(data["categories"]):
+    for i, cat in enumerate(data.get("categories", [])):
         if not isinstance(cat, dict) or "id" not in cat or "name" not in cat:
             raise _fatal(path, f"category #{i} lacks 'id' or 'name': {cat!r}")
         if cat["id"] in categories:
