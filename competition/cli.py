@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from smp_unet3p.encoders import EncoderWeightsError
+
 from . import commands
 from .checkpoint import CheckpointError
 from .data.coco import BOOSTCAMP_CLASSES, CocoFormatError
@@ -417,6 +419,7 @@ def _run(args: argparse.Namespace) -> int:
         CheckpointError,
         NonFiniteLossError,
         OSError,
+        EncoderWeightsError,
     ) as exc:
         print(f"competition {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -230,14 +230,15 @@ def download_hint(encoder_name: str, weights: Any) -> Iterator[None]:
     """Turn a failed weights download into an error that says how to load weights offline."""
     try:
         yield
-    except (KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError, EncoderWeightsError):  # the latter: already explained
         raise
     except Exception as exc:
         if weights is None:
             raise
-        raise RuntimeError(
-            f"Could not fetch pretrained weights {weights!r} for encoder {encoder_name!r}: "
-            f"{type(exc).__name__}: {exc}\n"
+        reason = str(exc).strip().split(". ")[0].splitlines()[0]
+        raise EncoderWeightsError(
+            f"Could not fetch pretrained weights {weights!r} for encoder {encoder_name!r} "
+            f"({type(exc).__name__}: {reason}).\n"
             "Without internet (e.g. a competition kernel), pass a local file instead: "
             "encoder_weights='/path/to/encoder.safetensors' (or .pth), made on a connected machine with "
             "safetensors.torch.save_file(model.encoder.state_dict(), 'encoder.safetensors') or taken from "

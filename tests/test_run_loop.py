@@ -423,3 +423,23 @@ def test_predict_a_folder_of_images_or_a_json_of_images_only(trained_run, synthe
         == 1
     )
     assert "give --images DIR, or --data-root and --test" in capsys.readouterr().err
+
+
+def test_weights_that_cannot_be_fetched_give_one_message_with_the_offline_hint(
+    synthetic_data, tmp_path, capsys
+):
+    """Nested download guards (registry and encoder) used to repeat the hint inside a triple traceback."""
+    from smp_unet3p.encoders import download_hint
+
+    def fetch():
+        with download_hint("resnet34", "imagenet"), download_hint("resnet34", "imagenet"):
+            raise ConnectionError("Name or service not known. Retrying ...")
+
+    from competition import preflight
+
+    monkeypatch.setattr(preflight, "build_model", lambda cfg, classes: fetch())
+    assert main(["train", "--config", str(_config(synthetic_data, tmp_path))]) == 1
+    err = capsys.readouterr().err
+    assert err.count("Without internet") == 1 and "Traceback" not in err
+    assert "(ConnectionError: Name or service not known)" in err
+    assert not (tmp_path / "loop").exists()
