@@ -425,9 +425,7 @@ def test_predict_a_folder_of_images_or_a_json_of_images_only(trained_run, synthe
     assert "give --images DIR, or --data-root and --test" in capsys.readouterr().err
 
 
-def test_weights_that_cannot_be_fetched_give_one_message_with_the_offline_hint(
-    synthetic_data, tmp_path, capsys
-):
+def test_weights_that_cannot_be_fetched_give_one_offline_hint(synthetic_data, tmp_path, capsys, monkeypatch):
     """Nested download guards (registry and encoder) used to repeat the hint inside a triple traceback."""
     from smp_unet3p.encoders import download_hint
 
