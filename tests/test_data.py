@@ -144,8 +144,13 @@ def test_malformed_json_and_missing_keys(tmp_path):
     with pytest.raises(CocoFormatError, match="bad.json: not valid JSON"):
         load_coco(bad)
     bad.write_text('{"annotations": []}')
-    with pytest.raises(CocoFormatError, match=r"missing top-level keys \['images', 'categories'\]"):
+    with pytest.raises(CocoFormatError, match=r"missing top-level keys \['images'\]"):
         load_coco(bad)
+    bad.write_text('{"images": [], "annotations": [{"id": 1}]}')  # annotations need their categories
+    with pytest.raises(CocoFormatError, match=r"missing top-level keys \['categories'\]"):
+        load_coco(bad)
+    bad.write_text('{"images": [], "annotations": []}')  # a test set: images only
+    assert load_coco(bad).categories == {}
 
 
 def test_bad_annotations_are_skipped_with_counts(tmp_path):
