@@ -81,8 +81,8 @@ def search_weights(
     the scores are those of the sample (an unbiased estimate of the full-pixel ones).
 
     ``per_class``: then, starting from the best per-run weights, each class's column of weights is chosen on
-    its own by the same method (the other classes keep the per-run weights). The nested score repeats the
-    whole search without each fold.
+    its own by the same method (the other classes keep the per-run weights), and the columns together are
+    kept only if they beat the per-run weights. The nested score repeats the whole search without each fold.
     """
     if method not in SEARCHES:
         raise ValueError(f"unknown weight search {method!r}: use one of {SEARCHES}")
@@ -207,7 +207,20 @@ def _per_class(sample: OofSample, bases: dict, search: list | int, ignore_index:
             out[b] = full.copy()
             for c in range(classes):
                 out[b][:, c] = found[(b, c)]
-    return out
+    return _keep_if_better(sample, bases, out, ignore_index)
+
+
+def _keep_if_better(sample: OofSample, bases: dict, found: dict, ignore_index: int | None) -> dict:
+    """Columns chosen one class at a time (the others at the base) can lower the joint score when put
+    together: per base, the per-class weights are kept only if together they beat the per-run weights on
+    the folds that base may see (ties keep the per-run ones)."""
+    members, classes = len(next(iter(bases.values()))), sample.num_classes
+    table = FoldTable(classes, ignore_index)
+    pairs = [(b, kind) for b in bases for kind in ("base", "found")]
+    weights = [class_weights(bases[b], members, classes) if k == "base" else found[b] for b, k in pairs]
+    _add_counts(table, vote_counts(sample, np.stack(weights)), pairs)
+    return {b: found[b] if table.best([(b, "base"), (b, "found")], b)[1] == "found" else
+            class_weights(bases[b], members, classes) for b in bases}  # fmt: skip
 
 
 @dataclass
