@@ -110,12 +110,15 @@ def test_trackers_log_config_epochs_per_class_iou_and_artifacts(synthetic_data, 
     assert json.loads(summary["best_weights"]) == str((run_dir / "best.safetensors").resolve())
 
     # resuming continues the same tracked runs
+    changed = config_from_dict(raw, ["train.loggers=[csv,mlflow]", "optimizer.lr=0.5"])
+    with pytest.raises(ConfigError):  # a changed optimizer is refused ...
+        train(changed, "0", resume=True)
     longer = config_from_dict(
-        raw, ["train.loggers=[csv,mlflow]", "train.epochs=3", "train.checkpoint_every=1"]
+        raw, ["train.loggers=[csv,tensorboard,mlflow,wandb]", "train.epochs=3", "train.checkpoint_every=1"]
     )
-    with pytest.raises(ConfigError):  # a changed schedule is refused ...
-        train(longer, "0", resume=True)
-    same = config_from_dict(raw, ["train.loggers=[csv,tensorboard,mlflow,wandb]", "train.checkpoint_every=1"])
-    train(same, "0", resume=True)  # ... the same config resumes (nothing left to train) into the same runs
+    train(longer, "0", resume=True)  # ... more epochs extend the run, into the same tracked runs
     assert json.loads((run_dir / "tracking.json").read_text())["mlflow"] == run_id
     assert len(client.search_runs([run.info.experiment_id])) == 1
+    tags = client.get_run(run_id).data.tags
+    assert tags["changed_on_resume.train.epochs"] == "2 -> 3"
+    assert [m.step for m in client.get_metric_history(run_id, "miou")] == [1, 2, 3]
