@@ -65,18 +65,24 @@ class Dist:
         return bool(value)
 
 
+_FREE_CORES: list[int] = []  # decided once per process: later folds would count this run's own load
+
+
 def cpu_threads(requested: int | None, workers: int) -> int:
     """torch's CPU threads for a run: ``requested``; else ``OMP_NUM_THREADS`` when set (torchrun sets 1);
     else the cores this process may use, less one per DataLoader worker and less the load other processes
-    put on them: oversubscribed OpenMP threads on a shared machine can be several times slower (6x seen
-    on 2 busy cores)."""
+    put on them, judged once per process (the 1-minute load average, less this process's own share):
+    oversubscribed OpenMP threads on a shared machine can be several times slower (6x seen on 2 busy
+    cores)."""
     if requested:
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores - workers, int(cores - load + 0.5)))
+    if not _FREE_CORES:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        others = max(0.0, (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0) - 1.0)
+        _FREE_CORES.append(max(1, min(cores, int(cores - others + 0.5))))
+    return max(1, _FREE_CORES[0] - workers)
 
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:

@@ -102,16 +102,24 @@ def test_an_interrupted_run_says_where_it_stopped_and_resumes(synthetic_data, tm
 def test_cpu_threads_default_leaves_room_for_workers_and_other_processes(monkeypatch):
     from competition import runtime
 
+    def threads(load: float, workers: int, requested: int | None = None) -> int:
+        monkeypatch.setattr(runtime.os, "getloadavg", lambda: (load, 0.0, 0.0))
+        runtime._FREE_CORES.clear()  # decided once per process: judge again
+        return runtime.cpu_threads(requested, workers)
+
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(8)))
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-    assert runtime.cpu_threads(None, 0) == 8 and runtime.cpu_threads(None, 2) == 6
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (5.0, 0.0, 0.0))  # others keep 5 cores busy
-    assert runtime.cpu_threads(None, 0) == 3
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (12.0, 0.0, 0.0))
-    assert runtime.cpu_threads(None, 2) == 1 and runtime.cpu_threads(4, 2) == 4  # asked for: as asked
+    assert threads(1.2, 0) == 8 and threads(1.2, 2) == 6  # the load of this process itself is no reason
+    assert threads(6.0, 0) == 3  # others keep 5 cores busy
+    assert threads(13.0, 2) == 1 and threads(13.0, 2, requested=4) == 4  # asked for: as asked
+    runtime._FREE_CORES.clear()
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    first = runtime.cpu_threads(None, 0)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (9.0, 0.0, 0.0))  # this run's own load, later
+    assert runtime.cpu_threads(None, 0) == first == 8  # later folds keep the first judgement
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert runtime.cpu_threads(None, 0) == runtime.torch.get_num_threads()
+    runtime._FREE_CORES.clear()
 
 
 def test_a_fold_prints_where_it_trains_and_an_estimate_after_its_first_epoch(
