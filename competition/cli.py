@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
         help="continue from each fold's last.ckpt. With RUN_DIR (runs/<name>) the run's own config.yaml is "
         "used: no --config, and overrides only for train.epochs (larger: extends the run) and settings that "
-        "keep the resume exact (train.workers, device, progress, loggers, val_batch_size, checkpoint_every)",
+        "keep the resume exact (train.workers, device, threads, progress, loggers, val_batch_size, "
+        "checkpoint_every, patience, time_limit)",
     )  # fmt: skip
     p.add_argument(
         "--init-from", type=Path, default=None, metavar="RUN_DIR|FILE",
