@@ -300,9 +300,7 @@ class TrainConfig(_Section):
     seed: int = 42
     workers: int = Field(default=2, ge=0)
     threads: int | None = Field(default=None, ge=1)  # torch CPU threads; null: runtime.cpu_threads decides
-    patience: int | None = Field(
-        default=None, ge=1
-    )  # stop a fold after this many epochs without a better mIoU
+    patience: int | None = Field(default=None, ge=1)  # epochs without a better mIoU that end a fold
     time_limit: float | None = Field(default=None, gt=0)  # seconds for the whole `train` command, or "8h30m"
     init_from: str | None = None  # another run's folder (fold k from its fold k) or a .safetensors file
     init_any_folds: bool = False  # accept a teacher run trained on another folds file (leaks validation)

@@ -215,12 +215,11 @@ def _keep_if_better(sample: OofSample, bases: dict, found: dict, ignore_index: i
     together: per base, the per-class weights are kept only if together they beat the per-run weights on
     the folds that base may see (ties keep the per-run ones)."""
     members, classes = len(next(iter(bases.values()))), sample.num_classes
+    options = {(b, "base"): class_weights(w, members, classes) for b, w in bases.items()}
+    options |= {(b, "found"): w for b, w in found.items()}
     table = FoldTable(classes, ignore_index)
-    pairs = [(b, kind) for b in bases for kind in ("base", "found")]
-    weights = [class_weights(bases[b], members, classes) if k == "base" else found[b] for b, k in pairs]
-    _add_counts(table, vote_counts(sample, np.stack(weights)), pairs)
-    return {b: found[b] if table.best([(b, "base"), (b, "found")], b)[1] == "found" else
-            class_weights(bases[b], members, classes) for b in bases}  # fmt: skip
+    _add_counts(table, vote_counts(sample, np.stack(list(options.values()))), list(options))
+    return {b: options[table.best([(b, "base"), (b, "found")], b)] for b in bases}
 
 
 @dataclass

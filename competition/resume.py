@@ -21,23 +21,14 @@ from . import checkpoint as ckpt
 from .checkpoint import CheckpointError, fold_dirs, read_run_config
 from .config import Config, ConfigError, config_from_dict
 from .provenance import VOLATILE_TRAIN_KEYS
+from .tracking import flat_params
 
 MAY_CHANGE = (*VOLATILE_TRAIN_KEYS, "checkpoint_every", "patience")
 
 
-def _flat(raw: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in raw.items():
-        if isinstance(value, dict) and value:
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def changed_keys(cfg: Config, saved: Config) -> list[str]:
     """Dotted keys whose values differ between two configs (``output_dir`` left out)."""
-    new, old = _flat(cfg.model_dump(mode="json")), _flat(saved.model_dump(mode="json"))
+    new, old = flat_params(cfg.model_dump(mode="json")), flat_params(saved.model_dump(mode="json"))
     return sorted(k for k in new.keys() | old.keys() if k != "output_dir" and new.get(k) != old.get(k))
 
 

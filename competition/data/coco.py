@@ -244,9 +244,7 @@ def load_coco(path: str | os.PathLike, data_root: str | os.PathLike | None = Non
         raise _fatal(path, f"not valid JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise _fatal(path, f"top level must be an object, got {type(data).__name__}")
-    needed = (
-        ("images", "categories") if data.get("annotations") else ("images",) if isinstance(data, dict) else ()
-    )
+    needed = ("images", "categories") if data.get("annotations") else ("images",)  # a test set: images only
     missing = [k for k in needed if k not in data]
     if missing:
         raise _fatal(path, f"missing top-level keys {missing}")
