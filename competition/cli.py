@@ -41,6 +41,12 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="CSV category_name,class_name folding categories into classes",
     )
+    p.add_argument(
+        "--no-background",
+        action="store_true",
+        help="no class is background (as data.background: none): unannotated pixels are ignored (255) and "
+        "every class of --classes is a real one",
+    )
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):

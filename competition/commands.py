@@ -19,7 +19,9 @@ def _class_map(args: argparse.Namespace):
     coco = load_coco(args.annotations, args.data_root)
     names = [n.strip() for n in args.classes.split(",")] if args.classes else None
     merge = read_merge_map(args.merge_map) if args.merge_map else None
-    return coco, ClassMap.build(coco.categories, names, merge, source=str(args.annotations))
+    if args.no_background and names is None:
+        raise ValueError("--no-background needs --classes (the class names, none of them background)")
+    return coco, ClassMap.build(coco.categories, names, merge, str(args.annotations), not args.no_background)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -52,7 +54,7 @@ def cmd_folds(args: argparse.Namespace) -> int:
     if exclude:
         print(f"left out {len(exclude)} images listed in {args.exclude}")
     write_folds(table, args.out, overwrite=args.overwrite)
-    names = list(class_map.names[1:])
+    names = list(class_map.objects)
     print(fold_summary(table).to_string())
     error = stratification_error(table[names].to_numpy(), table["fold"].to_numpy())
     print(f"max per-class deviation of fold frequency from overall: {error.max():.4f}")

@@ -43,6 +43,9 @@ class DataConfig(_Section):
     every fold, never to validation; fold-matched sets give fold k the labels of the teachers' fold-k models.
     ``extra_pooled``: accept sets labelled by every fold model (``pseudo --pooled``), whose labels carry
     what the teachers learned from each fold's validation images (OOF scores are then optimistic).
+    ``background``: ``auto`` (the first class is background), its name (which must be the first class), or
+    ``none``: every class is a real one (CamVid without void) and unannotated pixels are ignored in training
+    and scoring; panels then colour class 0, CGM gates it, submissions list it, post-processing is refused.
     """
 
     format: Literal["coco", "folder"] = "coco"
@@ -59,6 +62,28 @@ class DataConfig(_Section):
     exclude: Path | None = None
     extra: list[Path] = Field(default_factory=list)
     extra_pooled: bool = False
+    background: str | None = "auto"
+
+    @field_validator("background")
+    @classmethod
+    def _background_word(cls, value: str | None) -> str:
+        return "none" if value is None or value.strip().lower() == "none" else value
+
+    @model_validator(mode="after")
+    def _background_first(self) -> DataConfig:
+        if self.background == "none" and self.classes is None:
+            raise ValueError("background: none needs data.classes (the class names, none of them background)")
+        if self.background not in ("auto", "none") and self.classes is not None:
+            if self.background.strip().lower() != self.classes[0].strip().lower():
+                raise ValueError(
+                    f"background {self.background!r} must be the first of data.classes (class 0), which is "
+                    f"{self.classes[0]!r}: put it first, or use 'none' for data without a background class"
+                )
+        return self
+
+    def background_index(self) -> int | None:
+        """The background's class id (0), or ``None`` without a background class."""
+        return None if self.background == "none" else 0
 
     @model_validator(mode="after")
     def _paths_for_format(self) -> DataConfig:
@@ -341,6 +366,17 @@ class Config(_Section):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _cgm_gates_every_class_without_background(self) -> Config:
+        params = self.model.params
+        if self.data.background_index() is None and params.get("cgm") and is_unet3plus(self.model.arch):
+            if params.setdefault("cgm_background", None) is not None:
+                raise ValueError(
+                    f"model.params.cgm_background={params['cgm_background']} with data.background: none; "
+                    "leave it out (CGM then gates every class)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _copy_paste_needs_instances(self) -> Config:

@@ -21,15 +21,15 @@ from .io import atomic_write_csv
 
 
 def presence_matrix(coco: CocoIndex, class_map: ClassMap) -> pd.DataFrame:
-    """One row per image: ``image_id``, ``file_name`` and a 0/1 column per foreground class name."""
-    names = class_map.names[1:]
+    """One row per image: ``image_id``, ``file_name`` and a 0/1 column per object class name."""
+    names, first = class_map.objects, class_map.first_object
     rows = []
     for info in coco.images.values():
         present = np.zeros(len(names), np.int8)
         for ann in coco.annotations[info.id]:
             cls = class_map.category_to_class[ann["category_id"]]
-            if cls > 0:
-                present[cls - 1] = 1
+            if cls >= first:
+                present[cls - first] = 1
         rows.append({"image_id": info.id, "file_name": info.file_name, **dict(zip(names, present))})
     return pd.DataFrame(rows)
 
@@ -102,7 +102,7 @@ def build_folds(
     table = presence_matrix(coco, class_map)
     if exclude:
         table = table[~table["file_name"].isin(exclude)].reset_index(drop=True)
-    names = list(class_map.names[1:])
+    names = list(class_map.objects)
     grouped = group_by_folder or groups is not None
     if groups is not None:
         missing = [f for f in table["file_name"] if f not in groups]

@@ -62,6 +62,8 @@ def predict(
     coco = folder_index(test_json) if Path(test_json).is_dir() else load_coco(test_json, data_root)
     loaded = load_runs(runs, weights, device, allow_partial)
     specs, names = loaded.specs, loaded.names
+    if postprocess and loaded.background != 0:
+        raise ValueError(f"{postprocess}: post-processing needs a background class; these runs have none")
     post = PostProcess.load(postprocess, names) if postprocess else None
     settings = {
         "weights": normalize_weights(weights, len(runs)).tolist(),
@@ -94,7 +96,8 @@ def predict(
                 target = overlay_dir / f"{Path(file_name).with_suffix('').as_posix().replace('/', '_')}.png"
                 image = read_image(safe_join(data_root, file_name))
                 panels = [("prediction", mask_from_probs(probs, None))]
-                written.append(save_panels(target, image, panels, names, title=file_name))
+                shown = save_panels(target, image, panels, names, file_name, background=loaded.background)
+                written.append(shown)
             bar.update()
         bar.close()
         if writer is not None:

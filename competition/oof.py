@@ -132,6 +132,7 @@ class OofRuns:
                     table[str(key)] = (fold, data)
             self.tables.append(table)
         self.class_names = check_same_classes(named)
+        self.background = provenance.common_background(self.infos)
         if len({i for _, i in ignores}) > 1:
             raise CheckpointError(f"OOF files use different ignore_index values: {ignores}")
         self.ignore_index = ignores[0][1]

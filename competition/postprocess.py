@@ -210,6 +210,11 @@ class Tuner:
         weights: np.ndarray | Sequence[float] | None = None,
         fold_weights: Mapping[int, np.ndarray] | None = None,
     ):
+        if oof.background != 0:
+            raise ValueError(
+                "post-processing turns removed regions into background (class 0), but these runs have no "
+                "background class (data.background: none): leave out --tune-postprocess"
+            )
         self.oof, self.weights, self.nested_weights = oof, weights, fold_weights is not None
         self.candidates = _candidates(oof.num_classes)
         self.folds = nested_folds(oof)

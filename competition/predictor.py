@@ -213,6 +213,7 @@ class LoadedRuns:
     names: list[str]
     infos: list[Any]
     partial: list[str]
+    background: int | None = 0
 
     def by_fold(self) -> dict[int, list[ModelSpec]]:
         """The models of each fold number (every run's fold-k model under k)."""
@@ -231,7 +232,7 @@ def load_runs(
     """Every fold of every run as a ``ModelSpec``; a run's weight is split evenly over its folds. Runs whose
     folds did not all finish are refused unless ``allow_partial`` (``provenance.check_complete``); the class
     names must agree across runs."""
-    from .provenance import complete_runs
+    from .provenance import common_background, complete_runs
 
     run_weights = normalize_weights(weights, len(runs))  # checked before any model is loaded
     infos, partial = complete_runs(runs, allow_partial)
@@ -256,7 +257,7 @@ def load_runs(
                     fold=int(meta["fold"]),
                 )
             )
-    return LoadedRuns(specs, list(names or []), infos, partial)
+    return LoadedRuns(specs, list(names or []), infos, partial, common_background(infos))
 
 
 def load_specs(

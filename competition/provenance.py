@@ -37,11 +37,12 @@ from .io import atomic_write_text, file_hash
 KEY = "provenance"
 # keys a resume may change (they do not change what the run learns): left out of the config hash
 VOLATILE_TRAIN_KEYS = ("workers", "progress", "loggers", "device", "val_batch_size", "threads", "time_limit")
-LATER_TRAIN_KEYS = {
-    "patience": None,
-    "init_from": None,
-    "init_any_folds": False,
-}  # hashed only when set, so runs made before them keep their hash
+LATER_KEYS = {
+    ("train", "patience"): None,
+    ("train", "init_from"): None,
+    ("train", "init_any_folds"): False,
+    ("data", "background"): "auto",
+}  # (section, key): default; hashed only when set, so runs made before them keep their hash
 
 
 class ProvenanceError(CheckpointError):
@@ -55,9 +56,9 @@ def config_hash(cfg: Config) -> str:
     raw.pop("output_dir", None)
     for key in VOLATILE_TRAIN_KEYS:
         raw["train"].pop(key, None)
-    for key, default in LATER_TRAIN_KEYS.items():
-        if raw["train"].get(key, default) == default:
-            raw["train"].pop(key, None)
+    for (section, key), default in LATER_KEYS.items():
+        if raw[section].get(key, default) == default:
+            raw[section].pop(key, None)
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -92,6 +93,7 @@ class RunInfo:
     expected: list[int] | None  # the folds of its folds file (None: not known)
     folds: dict[int, FoldInfo] = field(default_factory=dict)
     class_names: list[str] | None = None  # from best.json (None: no fold has a best checkpoint yet)
+    background: int | None = 0  # the background class id (data.background), None without one
 
     def problems(self) -> list[str]:
         """Why this run is incomplete (empty when every fold of its folds file finished)."""
@@ -169,6 +171,7 @@ def read_run(path: str | os.PathLike) -> RunInfo:
                 known = folds_record(cfg.data.folds)
                 folds_hash, expected = known["folds_hash"], known["folds"]
             run = RunInfo(path, cfg.name, config_hash(cfg), folds_hash, None if single else expected)
+            run.background = cfg.data.background_index()
         fold = _fold_number(d)
         done, miou = _progress(d)
         stopped = patience_spent(miou, cfg.train.patience)
@@ -176,6 +179,16 @@ def read_run(path: str | os.PathLike) -> RunInfo:
         run.class_names = run.class_names or meta.get("classes")
     assert run is not None
     return run
+
+
+def common_background(runs: Sequence[RunInfo]) -> int | None:
+    """The background class id every run has (``None``: none); runs that differ are refused, since the
+    same class names mean different things with and without a background class."""
+    values = {run.background for run in runs}
+    if len(values) > 1:
+        described = ", ".join(f"{run.dir}: {'none' if run.background is None else 0}" for run in runs)
+        raise ProvenanceError(f"runs differ in data.background ({described}): their class 0 is not the same")
+    return values.pop() if values else 0
 
 
 def check_complete(runs: Sequence[RunInfo], allow_partial: bool = False) -> list[str]:

@@ -186,5 +186,6 @@ def write_gallery(
         title = f"#{row.rank} {row.file_name}  score {row.score:.2f}  {row.top_confusion}"
         name = f"{row.rank:04d}_{Path(row.file_name).with_suffix('').as_posix().replace('/', '_')}.png"
         panels = [("label", target), ("OOF prediction", pred)]
-        written.append(save_panels(out_dir / name, image, panels, oof.class_names, title=title))
+        shown = save_panels(out_dir / name, image, panels, oof.class_names, title, background=oof.background)
+        written.append(shown)
     return sorted(written)

@@ -114,17 +114,38 @@ def default_class_names(merge_map: Mapping[str, str] | None = None) -> tuple[str
 
 @dataclass(frozen=True)
 class ClassMap:
-    """Class names (index = class id, 0 = background) and COCO category id -> class id."""
+    """Class names (index = class id) and COCO category id -> class id.
+
+    ``background``: class 0 is the background, which unannotated pixels become; without one (CamVid's void,
+    data without a background class) every class is a real one and unannotated pixels are ignored (255).
+    """
 
     names: tuple[str, ...]
     category_to_class: Mapping[int, int]
+    background: bool = True
 
     @property
     def num_classes(self) -> int:
         return len(self.names)
 
+    @property
+    def first_object(self) -> int:
+        """The first class id that is not background: 1, or 0 without a background class."""
+        return int(self.background)
+
+    @property
+    def objects(self) -> tuple[str, ...]:
+        """The classes that are not background (the ones folds stratify on and copy-paste pastes)."""
+        return self.names[self.first_object :]
+
+    @property
+    def unannotated(self) -> int:
+        """The value of pixels no annotation covers: 0 (background) or the ignore index."""
+        return 0 if self.background else IGNORE_INDEX
+
     def key(self) -> str:
-        return json.dumps([list(self.names), sorted(self.category_to_class.items())])
+        key = [list(self.names), sorted(self.category_to_class.items())]
+        return json.dumps(key if self.background else [*key, "no background"])
 
     @classmethod
     def build(
@@ -133,11 +154,12 @@ class ClassMap:
         class_names: Sequence[str] | None = None,
         merge_map: Mapping[str, str] | None = None,
         source: str = "annotations",
+        background: bool = True,
     ) -> ClassMap:
         """Match categories to classes by name (case/space-insensitive), never by id.
 
         ``class_names`` defaults to the Boostcamp 11 classes, or with a merge map to ``Background`` plus the
-        map's class names in order of first appearance.
+        map's class names in order of first appearance. ``background=False``: no class is background.
         """
         merge = {_norm(k): v for k, v in (merge_map or {}).items()}
         names = tuple(class_names) if class_names is not None else default_class_names(merge_map)
@@ -159,7 +181,7 @@ class ClassMap:
                 + (" ..." if len(unmapped) > 10 else "")
                 + f". Classes: {list(names)}. Add them to the class list or to a merge map (--merge-map)."
             )
-        return cls(names, mapping)
+        return cls(names, mapping, background)
 
 
 @dataclass
@@ -358,11 +380,13 @@ def rasterize(
     width: int,
     category_to_class: Mapping[int, int],
     crowd: str = "class",
+    fill: int = 0,
 ) -> np.ndarray:
-    """Class-index mask ``[H, W]`` uint8: largest annotations first, smaller ones on top (ties by id)."""
+    """Class-index mask ``[H, W]`` uint8: largest annotations first, smaller ones on top (ties by id);
+    ``fill`` where no annotation is (0 = background, or the ignore index)."""
     if crowd not in ("class", "ignore"):
         raise ValueError(f"crowd must be 'class' or 'ignore', got {crowd!r}")
-    mask = np.zeros((height, width), np.uint8)
+    mask = np.full((height, width), fill, np.uint8)
     rles = [(annotation_rle(a["segmentation"], height, width), a) for a in annotations]
     areas = [int(mask_utils.area(rle)) for rle, _ in rles]
     order = sorted(range(len(rles)), key=lambda i: (-areas[i], rles[i][1]["id"]))
@@ -397,8 +421,8 @@ def _histogram(mask: np.ndarray) -> np.ndarray:
 
 
 def _build_one(task: tuple) -> tuple[int, np.ndarray]:
-    image_id, height, width, annotations, category_to_class, crowd, out = task
-    mask = rasterize(annotations, height, width, category_to_class, crowd)
+    image_id, height, width, annotations, category_to_class, crowd, fill, out = task
+    mask = rasterize(annotations, height, width, category_to_class, crowd, fill)
     atomic_write(out, lambda tmp: write_png(tmp, mask))
     return image_id, _histogram(mask)
 
@@ -454,6 +478,7 @@ class MaskCache:
                     anns,
                     dict(self.class_map.category_to_class),
                     self.crowd,
+                    self.class_map.unannotated,
                     out,
                 )
             )

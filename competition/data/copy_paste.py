@@ -42,6 +42,7 @@ class CopyPaste:
         scale: tuple[float, float] = (0.5, 1.5),
         balanced: bool = True,
         mask_path: Callable[[int], Path] | None = None,
+        first_object: int = 1,
     ):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"copy-paste probability must be in [0, 1], got {p}")
@@ -54,7 +55,7 @@ class CopyPaste:
             (image_id, k, category_to_class[ann["category_id"]])
             for image_id in image_ids
             for k, ann in enumerate(coco.annotations.get(image_id, []))
-            if not ann["iscrowd"] and category_to_class.get(ann["category_id"], 0) > 0
+            if not ann["iscrowd"] and category_to_class.get(ann["category_id"], -1) >= first_object
         ]
         self.by_class: dict[int, list[int]] = {}
         for n, (_, _, cls) in enumerate(self.instances):

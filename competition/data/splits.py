@@ -164,7 +164,9 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
     labelled = [actual[i] for i in train_ids + val_ids]
     train_ids, val_ids = _without_excluded(cfg, actual, train_ids, val_ids)
     merge = read_merge_map(cfg.data.merge_map) if cfg.data.merge_map else None
-    class_map = ClassMap.build(coco.categories, names, merge, source=str(cfg.data.annotations))
+    class_map = ClassMap.build(
+        coco.categories, names, merge, str(cfg.data.annotations), cfg.data.background_index() is not None
+    )
     cache = MaskCache(coco, class_map, cfg.data.cache_dir or cfg.data.root / ".mask_cache", cfg.data.crowd)
     if dist is None or dist.main:
         cache.build(progress=cfg.train.progress)
@@ -177,6 +179,7 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
         paste = CopyPaste(
             coco, class_map.category_to_class, cfg.data.root, train_ints, aug.copy_paste,
             aug.copy_paste_objects, aug.copy_paste_scale, aug.copy_paste_balanced, cache.mask_path,
+            class_map.first_object,
         )  # fmt: skip
     train = CocoSegmentationDataset(cache, cfg.data.root, train_ints, train_tf, paste)
     return (

@@ -48,22 +48,30 @@ def plot_statistics(stats: pd.DataFrame, path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def palette(num_classes: int) -> np.ndarray:
-    """Fixed colours per class id (background black, ignore white)."""
+def palette(num_classes: int, background: int | None = 0) -> np.ndarray:
+    """Fixed colours per class id (``background`` black, ignore white; ``None``: every class coloured)."""
     colours = (plt.get_cmap("tab20")(np.arange(max(num_classes, 1)) % 20)[:, :3] * 255).astype(np.uint8)
     table = np.zeros((256, 3), np.uint8)
-    table[1:num_classes] = colours[1:num_classes]
+    table[:num_classes] = colours[:num_classes]
+    if background is not None:
+        table[background] = 0
     table[255] = 255
     return table
 
 
-def overlay(image: np.ndarray | None, mask: np.ndarray, num_classes: int, alpha: float = 0.5) -> np.ndarray:
-    """RGB picture of a mask, blended on the image when there is one."""
-    coloured = palette(num_classes)[mask]
+def overlay(
+    image: np.ndarray | None,
+    mask: np.ndarray,
+    num_classes: int,
+    alpha: float = 0.5,
+    background: int | None = 0,
+) -> np.ndarray:
+    """RGB picture of a mask, blended on the image (where the mask is not background) when there is one."""
+    coloured = palette(num_classes, background)[mask]
     if image is None:
         return coloured
     blend = (image * (1 - alpha) + coloured * alpha).astype(np.uint8)
-    return np.where((mask > 0)[..., None], blend, image)
+    return blend if background is None else np.where((mask != background)[..., None], blend, image)
 
 
 def write_overlays(
@@ -74,15 +82,16 @@ def write_overlays(
     out_dir = Path(out_dir)
     written = []
     index = cache.index()
-    labelled = index[
-        index[[c for c in index.columns if c.startswith("px_") and c not in ("px_0",)]].sum(axis=1) > 0
-    ]
+    background = 0 if cache.class_map.background else None
+    objects = [f"px_{c}" for c in range(cache.class_map.first_object, cache.class_map.num_classes)]
+    labelled = index[index[[c for c in objects if c in index.columns]].sum(axis=1) > 0]
     for row in labelled.head(count).itertuples():
         path = safe_join(data_root, row.file_name)
         image = read_image(path) if path.is_file() else None
         panels = [("label", cache.load(row.image_id))]
         target = out_dir / f"overlay_{row.image_id}.png"
-        written.append(save_panels(target, image, panels, cache.class_map.names, title=row.file_name))
+        names = cache.class_map.names
+        written.append(save_panels(target, image, panels, names, title=row.file_name, background=background))
     return written
 
 
@@ -93,16 +102,17 @@ def save_panels(
     class_names: Sequence[str],
     title: str | None = None,
     panel_px: int = 360,
+    background: int | None = 0,
 ) -> Path:
     """One PNG, side by side: the image, then each ``(title, class mask)`` blended on it, with a legend of
-    the classes shown (colour per class id, as ``palette``). Every panel is ``panel_px`` wide whatever the
-    image size (small images are enlarged without smoothing)."""
+    the classes shown but ``background`` (colour per class id, as ``palette``). Every panel is ``panel_px``
+    wide whatever the image size (small images are enlarged without smoothing)."""
     from matplotlib.patches import Patch
 
     height, width = panels[0][1].shape[:2]
-    colours = palette(len(class_names))
+    colours = palette(len(class_names), background)
     pictures = ([("image", image)] if image is not None else []) + [
-        (name, overlay(image, mask, len(class_names))) for name, mask in panels
+        (name, overlay(image, mask, len(class_names), background=background)) for name, mask in panels
     ]
     inches = panel_px / 100
     fig, axes = plt.subplots(
@@ -112,7 +122,7 @@ def save_panels(
         ax.imshow(picture, interpolation="nearest")
         ax.set_title(name, fontsize=10)
         ax.set_axis_off()
-    shown = sorted({int(c) for _, mask in panels for c in np.unique(mask)} - {0})
+    shown = sorted({int(c) for _, mask in panels for c in np.unique(mask)} - {background})
     label = {255: "ignore", **dict(enumerate(class_names))}
     handles = [Patch(color=colours[c] / 255, label=label.get(c, str(c))) for c in shown]
     if handles:

@@ -9,8 +9,9 @@ prediction. Here the head predicts one presence logit per class (multi-label) an
   probability ~0 under both softmax and sigmoid (multiplying logits by 0 would give sigmoid 0.5 instead).
 - ``mode="hard"``: gate = 1[sigmoid(presence) > threshold] (the paper's argmax for the binary case);
   ``mode="soft"``: gate = sigmoid(presence).
-- with ``classes > 1`` class 0 is background and is never gated; with ``classes == 1`` the single
-  foreground channel is gated.
+- with ``classes > 1`` the background class (``background``, default 0) is never gated; ``background=None``
+  (data without a background class) gates every class; with ``classes == 1`` the single foreground channel
+  is gated.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def gate_logits(
     presence_logits: torch.Tensor,
     mode: str = "hard",
     threshold: float = 0.5,
+    background: int | None = 0,
 ) -> torch.Tensor:
-    """Gate segmentation logits ``[B, C, H, W]`` by per-class presence logits ``[B, C]``."""
+    """Gate segmentation logits ``[B, C, H, W]`` by per-class presence logits ``[B, C]``; the
+    ``background`` channel (``None``: none) is left as it is when ``C > 1``."""
     prob = presence_logits.sigmoid().to(masks.dtype)
     if mode == "hard":
         offset = torch.where(
@@ -52,8 +55,8 @@ def gate_logits(
         offset = prob.clamp_min(_SOFT_GATE_FLOOR).log()
     else:
         raise ValueError(f"CGM gate mode must be 'hard' or 'soft', got {mode!r}")
-    if masks.shape[1] > 1:  # background is never gated
-        offset = torch.cat([torch.zeros_like(offset[:, :1]), offset[:, 1:]], dim=1)
+    if masks.shape[1] > 1 and background is not None:  # background is never gated
+        offset = offset.masked_fill(torch.arange(offset.shape[1], device=offset.device) == background, 0.0)
     return masks + offset[:, :, None, None]
 
 

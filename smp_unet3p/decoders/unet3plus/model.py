@@ -61,7 +61,8 @@ class Unet3Plus(SegmentationModel):
             (docs/study.md): +0.007 ± 0.015 mIoU on ISBI membranes, but 0.32 vs 0.82 on the multi-class
             synthetic set at a short budget, so it is off by default.
         in_channels: input channels.
-        classes: output channels. With ``classes > 1`` class 0 is background (never CGM-gated).
+        classes: output channels. With ``classes > 1`` class ``cgm_background`` is background (never
+            CGM-gated).
         activation: activation on the eval output (``"sigmoid"``, ``"softmax"`` ... or ``None`` for logits).
         deep_supervision: in train mode also return side outputs (see ``Unet3PlusTrainOutput``).
         cgm: add the classification-guided module (presence head on the deepest encoder map).
@@ -72,6 +73,8 @@ class Unet3Plus(SegmentationModel):
             mIoU); from scratch, hard gating kept the demo at the all-background level for 15 epochs
             (0.09 vs 0.45 mIoU), so soft is the default.
         cgm_threshold: presence threshold of the hard gate.
+        cgm_background: the class CGM never gates (default 0); ``None`` gates every class (data without a
+            background class).
         aux_params: smp's classification head (``classes``, ``pooling``, ``dropout``, ``activation``).
         decoder_attention_type: ``None`` or ``"scse"``: smp's attention block on each stage's concatenated
             branches and on its fused output (as smp's Unet applies it around each decoder block).
@@ -110,6 +113,7 @@ class Unet3Plus(SegmentationModel):
         cgm_dropout: float = 0.5,
         cgm_gate: str = "soft",
         cgm_threshold: float = 0.5,
+        cgm_background: int | None = 0,
         aux_params: dict | None = None,
         **kwargs: Any,
     ):
@@ -119,6 +123,8 @@ class Unet3Plus(SegmentationModel):
             raise ValueError(f"classes must be >= 1, got {classes}")
         if cgm_gate not in ("hard", "soft"):
             raise ValueError(f"cgm_gate must be 'hard' or 'soft', got {cgm_gate!r}")
+        if cgm_background is not None and not 0 <= cgm_background < classes:
+            raise ValueError(f"cgm_background must be None or a class id in [0, {classes}): {cgm_background}")
 
         self.encoder = get_encoder(
             encoder_name, in_channels=in_channels, depth=encoder_depth, weights=encoder_weights, **kwargs
@@ -159,6 +165,7 @@ class Unet3Plus(SegmentationModel):
         )
         self.cgm_gate = cgm_gate
         self.cgm_threshold = cgm_threshold
+        self.cgm_background = cgm_background
         self.classification_head = (
             ClassificationHead(in_channels=self.encoder.out_channels[-1], **aux_params)
             if aux_params is not None
@@ -212,7 +219,8 @@ class Unet3Plus(SegmentationModel):
         """The eval output of ``raw_outputs``: CGM-gated masks, then ``activation`` (+ ``labels``)."""
         masks = out["masks"]
         if "presence" in out:
-            masks = gate_logits(masks, out["presence"], self.cgm_gate, self.cgm_threshold)
+            gate = (self.cgm_gate, self.cgm_threshold, self.cgm_background)
+            masks = gate_logits(masks, out["presence"], *gate)
         masks = self.activation(masks)
         if "labels" in out:
             return masks, out["labels"]
