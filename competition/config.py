@@ -260,6 +260,10 @@ class SchedulerConfig(_Section):
 class AugmentConfig(_Section):
     """Albumentations pipeline; probabilities in [0, 1]. ``size``: random training crop (padded if small);
     ``eval_size``: validation / prediction resize. Each is a side (square) or ``[height, width]``.
+    ``scale``: ``[low, high]``: each training image is first resized to ``eval_size`` (the scale the model is
+    validated and predicts at; the image's own size without one) times a random factor in the range, then
+    cropped to ``size`` (the top teams' 0.5-2x; ``[1, 1]`` only matches the training scale to ``eval_size``).
+    ``null`` (default): no resize, training crops come from the images at their own size.
 
     ``copy_paste``: probability of pasting 1..``copy_paste_objects`` object instances (COCO annotations of the
     fold's training split) into a training image, resized by a factor in ``copy_paste_scale``, the class drawn
@@ -275,6 +279,7 @@ class AugmentConfig(_Section):
     color: float = Probability
     normalize: Literal["imagenet", "none"] = "imagenet"
     eval_size: int | tuple[int, int] | None = None
+    scale: tuple[float, float] | None = None
     copy_paste: float = Probability
     copy_paste_objects: int = Field(default=3, ge=1)
     copy_paste_scale: tuple[float, float] = (0.5, 1.5)
@@ -293,10 +298,10 @@ class AugmentConfig(_Section):
         """``(height, width)`` of ``size`` / ``eval_size``."""
         return None if value is None else (value, value) if isinstance(value, int) else tuple(value)
 
-    @field_validator("copy_paste_scale")
+    @field_validator("copy_paste_scale", "scale")
     @classmethod
-    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < value[0] <= value[1]:
+    def _scale_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 < value[0] <= value[1]:
             raise ValueError("must be [low, high] with 0 < low <= high")
         return value
 
@@ -329,6 +334,9 @@ class TrainConfig(_Section):
     time_limit: float | None = Field(default=None, gt=0)  # seconds for the whole `train` command, or "8h30m"
     init_from: str | None = None  # another run's folder (fold k from its fold k) or a .safetensors file
     init_any_folds: bool = False  # accept a teacher run trained on another folds file (leaks validation)
+    # which weights best.safetensors (and so OOF and predict) holds: the best validation mIoU, or the last
+    # epoch's ("last": a held-out validation split that nothing, not even the epoch, may be chosen on)
+    keep: Literal["best", "last"] = "best"
     device: str = "auto"
     nan_policy: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = Field(default=10, ge=0)

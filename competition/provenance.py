@@ -41,7 +41,9 @@ LATER_KEYS = {
     ("train", "patience"): None,
     ("train", "init_from"): None,
     ("train", "init_any_folds"): False,
+    ("train", "keep"): "best",
     ("data", "background"): "auto",
+    ("augment", "scale"): None,
 }  # (section, key): default; hashed only when set, so runs made before them keep their hash
 
 

@@ -266,7 +266,7 @@ class FoldRun:
                     with uninterrupted():  # an interrupt waits until the epoch's files are all written
                         self.save(epoch, row, improved)
                     trackers.epoch(row)
-                    tqdm.write(epoch_line(self.fold, epochs, row, improved))
+                    tqdm.write(epoch_line(self.fold, epochs, row, improved and self.cfg.train.keep == "best"))
                     if epoch == self.start_epoch and epoch + 1 < epochs:
                         tqdm.write(estimate_line(self.fold, row["seconds"], epochs - epoch - 1))
                     if on_epoch_end is not None:
@@ -310,6 +310,7 @@ class FoldRun:
         row |= {"seconds": time.perf_counter() - started, "train_img_s": images / train_seconds}
         self.rows.append(row)
         improved = math.isfinite(row["miou"]) and row["miou"] > self.best["miou"]
+        improved |= self.cfg.train.keep == "last"
         if improved:
             self.best = {"miou": row["miou"], "epoch": epoch + 1}
         return row, improved

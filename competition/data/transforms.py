@@ -30,12 +30,18 @@ class ShapeKeepingRotate90(A.RandomRotate90):
 
 
 def build_train_transform(aug: Any) -> A.Compose:
-    """Geometric + colour augmentation, random crop to ``aug.size`` (mask padding = ignore), normalisation.
+    """Resize to the working scale by a random factor (``aug.scale``), random crop to ``aug.size`` (mask
+    padding = ignore), geometric + colour augmentation, normalisation.
 
     ``elastic`` is the U-Net paper's elastic deformation; ``shift_scale_rotate`` an affine shift/scale/rotate.
     Padded mask pixels are ``IGNORE_INDEX`` so they never count in the loss.
     """
     steps: list[A.BasicTransform] = []
+    if aug.scale is not None:
+        if aug.eval_size is not None:
+            steps.append(A.Resize(*aug.hw(aug.eval_size)))
+        low, high = aug.scale
+        steps.append(A.RandomScale((low - 1.0, high - 1.0), p=1.0))
     if aug.size is not None:
         height, width = aug.hw(aug.size)
         steps.append(A.RandomCrop(height, width, pad_if_needed=True, fill=0, fill_mask=IGNORE_INDEX))
