@@ -262,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tune-postprocess", type=Path, default=None, metavar="FILE",
         help="tune per-class min-area / hole filling on OOF and write them to FILE (postprocess.json)",
     )  # fmt: skip
+    p.add_argument(
+        "--tune-crf", type=Path, default=None, metavar="FILE",
+        help="choose a dense-CRF setting (or none) on OOF with the images, nested score per fold, and write "
+        "it to FILE (a postprocess.json for predict --postprocess; needs pydensecrf2, the [crf] extra)",
+    )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing weights / postprocess files")
     p.set_defaults(func=commands.cmd_evaluate)
 

@@ -368,6 +368,10 @@ def ensemble_probs(
     if weights_file is not None:
         weights = load_weights(weights_file, files)
     post = PostProcess.load(postprocess, files.class_names) if postprocess else None
+    if post is not None and post.crf is not None:
+        raise ValueError(
+            f"{postprocess} sets a dense CRF, which needs the images: apply it with predict --postprocess"
+        )
     rows = []
     for (_, probs), info in zip(files.iterate(keys), coco.images.values()):
         mask = vote_mask(probs, weights, vote, size or (info.height, info.width))

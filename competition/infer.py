@@ -62,9 +62,9 @@ def predict(
     coco = folder_index(test_json) if Path(test_json).is_dir() else load_coco(test_json, data_root)
     loaded = load_runs(runs, weights, device, allow_partial)
     specs, names = loaded.specs, loaded.names
-    if postprocess and loaded.background != 0:
-        raise ValueError(f"{postprocess}: post-processing needs a background class; these runs have none")
     post = PostProcess.load(postprocess, names) if postprocess else None
+    if post is not None and post.changes_masks and loaded.background != 0:
+        raise ValueError(f"{postprocess}: its mask operations need a background class; these runs have none")
     settings = {
         "weights": normalize_weights(weights, len(runs)).tolist(),
         "tta": opts.views,
@@ -88,7 +88,11 @@ def predict(
         bar = tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress)
         for image_id, file_name, probs in iterate_predictions(ensemble, loader, device):
             probs = probs.half().float()  # the precision of saved probabilities: ensemble of them agrees
-            mask = mask_from_probs(probs, size)
+            refined = probs
+            if post is not None and post.crf is not None:
+                image = read_image(safe_join(data_root, file_name))
+                refined = torch.from_numpy(post.refine(probs.numpy(), image))
+            mask = mask_from_probs(refined, size)
             rows += submission_rows(file_name, post(mask) if post else mask, fmt, size)
             if writer is not None:
                 writer.put(f"pred__{image_id}", resize_probs(probs, probs_size).half().numpy())

@@ -9,8 +9,9 @@ Per foreground class, two operations (both off by default):
 ``tune`` chooses each class's setting on OOF predictions (the other classes left as predicted), reports the
 in-sample score and a nested one (each fold post-processed with the settings chosen on the other folds), and
 ``PostProcess`` is saved as ``postprocess.json``, which ``predict`` and ``ensemble`` apply with
-``--postprocess FILE`` after checking it was tuned for the same classes. Dense CRF is not offered: see
-docs/benchmarks.md for the packages tried.
+``--postprocess FILE`` after checking it was tuned for the same classes. It may also hold a dense-CRF
+setting (``crf``, tuned by ``competition.crf.tune_crf``), applied to the probabilities before the arg-max and
+the mask operations; only ``predict`` has the images CRF needs.
 """
 
 from __future__ import annotations
@@ -85,14 +86,32 @@ class PostProcess:
     fill_holes: dict[str, bool] = field(default_factory=dict)
     scores: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)  # the runs and weights it was tuned on
+    crf: dict[str, float] | None = None  # competition.crf.CrfSettings, applied before the arg-max
 
     def __post_init__(self) -> None:
+        if self.crf is not None:
+            from .crf import CrfSettings
+
+            CrfSettings.from_dict(self.crf)  # checked when read, not at the first image
         unknown = sorted((set(self.min_area) | set(self.fill_holes)) - set(self.class_names[1:]))
         if unknown:
             raise ValueError(f"post-processing names classes {unknown} not in {self.class_names[1:]}")
         bad = {k: v for k, v in self.min_area.items() if not 0 <= v < 1}
         if bad:
             raise ValueError(f"min_area is a fraction of the image area in [0, 1), got {bad}")
+
+    @property
+    def changes_masks(self) -> bool:
+        """Whether any mask operation is set (they turn pixels into background, class 0)."""
+        return any(self.min_area.values()) or any(self.fill_holes.values())
+
+    def refine(self, probs: np.ndarray, image: np.ndarray) -> np.ndarray:
+        """``probs`` ``[C, H, W]`` after the dense CRF this file sets (unchanged without one)."""
+        if self.crf is None:
+            return probs
+        from .crf import CrfSettings, dense_crf
+
+        return dense_crf(image, probs, CrfSettings.from_dict(self.crf))
 
     def __call__(self, mask: np.ndarray) -> np.ndarray:
         area = mask.shape[0] * mask.shape[1]
