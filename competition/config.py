@@ -326,6 +326,7 @@ class TrainConfig(_Section):
     channels_last: bool = False
     compile: bool = False
     ema_decay: float | None = Field(default=None, gt=0.0, lt=1.0)
+    swa_epochs: int | None = Field(default=None, ge=1)  # average the last N epochs' weights (averaging)
     grad_clip: float | None = Field(default=None, gt=0.0)
     seed: int = 42
     workers: int = Field(default=2, ge=0)

@@ -42,6 +42,7 @@ LATER_KEYS = {
     ("train", "init_from"): None,
     ("train", "init_any_folds"): False,
     ("train", "keep"): "best",
+    ("train", "swa_epochs"): None,
     ("data", "background"): "auto",
     ("augment", "scale"): None,
 }  # (section, key): default; hashed only when set, so runs made before them keep their hash

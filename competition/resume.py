@@ -75,6 +75,8 @@ def restore(run: Any) -> None:
         group["lr"] = base * factor(sched.last_epoch)
     if run.ema is not None and state["ema"] is not None:
         run.ema.load_state_dict(state["ema"])
+    run.swa.load_state_dict(state.get("swa"))
+    run.epoch_done = state["epoch"] - 1
     run.start_epoch, run.best, run.skips = state["epoch"], dict(state["best"]), dict(state["skipped"])
     if (run.run_dir / ckpt.BEST_META).is_file():
         meta = ckpt.read_best_meta(run.run_dir)

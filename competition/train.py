@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 from tqdm import tqdm  # not tqdm.auto: its asyncio variant opens a second DataLoader iterator
 
 from . import checkpoint as ckpt
+from .averaging import CheckpointAverage
 from .config import Config
 from .data.splits import build_datasets, parse_folds
 from .data.transforms import EpochSeeded
@@ -106,6 +107,7 @@ class FoldRun:
             self.model = self.model.to(memory_format=torch.channels_last)
         multi_avg = get_ema_multi_avg_fn(cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.ema = AveragedModel(self.model, multi_avg_fn=multi_avg, use_buffers=True) if multi_avg else None
+        self.swa, self.epoch_done = CheckpointAverage(self.model, cfg.train.swa_epochs), -1
         self.optimizer = build_optimizer(cfg, self.model)
         self._build_loaders()
         self.steps = math.ceil(len(self.train_loader) / cfg.train.accum_steps)  # optimizer steps per epoch
@@ -221,6 +223,10 @@ class FoldRun:
 
     # ------------------------------------------------------------------------------------ epoch records
     def eval_model(self) -> nn.Module:
+        """What is validated and kept: the checkpoint average in its window, else the EMA or the model."""
+        averaged = self.swa.module(self.epoch_done, self.cfg.train.epochs)
+        if averaged is not None:
+            return averaged
         return self.ema.module if self.ema is not None else self.model
 
     def validate(self) -> tuple[float, ConfusionMatrix]:
@@ -239,7 +245,7 @@ class FoldRun:
             state = {name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler")}
             state |= {"scaler": self.scaler.state_dict(), "epoch": epoch + 1, "best": self.best}
             state |= {"ema": self.ema.state_dict() if self.ema is not None else None}
-            state |= {"skipped": self.skips, "rng": ckpt.rng_state()}
+            state |= {"swa": self.swa.state_dict(), "skipped": self.skips, "rng": ckpt.rng_state()}
             ckpt.save_last(self.run_dir / ckpt.LAST, state)
 
     def run(self, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> FoldResult:
@@ -302,6 +308,8 @@ class FoldRun:
         started = time.perf_counter()
         train_loss = self.train_epoch(model, epoch)
         train_seconds = time.perf_counter() - started
+        self.swa.update(self.model, epoch, self.cfg.train.epochs)
+        self.epoch_done = epoch
         val_loss, matrix = self.validate()
         images = len(self.train_loader) * self.cfg.train.batch_size * self.ddp.world
         row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "miou": matrix.miou()}

@@ -87,3 +87,35 @@ def test_the_camvid_recipe_reads_the_real_annotations_without_a_background(share
     assert set(splits["file_name"]) == names
     with pytest.raises(ConfigError, match="cgm_background"):
         load_config("camvid_lite0", [*overrides, "model.params.cgm_background=0"])
+
+
+def test_swa_keeps_the_average_of_the_last_epochs_and_resumes_exactly(synthetic_data, tmp_path):
+    import safetensors.torch
+    import torch
+
+    from competition.train import FoldRun, train_fold
+
+    raw = tiny_config_dict(synthetic_data, tmp_path / "a", epochs=3, oof="none", swa_epochs=2, keep="last")
+    run, weights = FoldRun(config_from_dict(raw), 1), []
+    run.run(lambda epoch, row: weights.append({k: v.clone() for k, v in run.model.state_dict().items()}))
+    kept = safetensors.torch.load_file(str(run.run_dir / "best.safetensors"))
+    floats = [k for k, v in weights[0].items() if v.is_floating_point()]
+    for key in floats:  # epochs 2 and 3 averaged, epoch 1 not
+        torch.testing.assert_close(kept[key], (weights[1][key] + weights[2][key]) / 2, rtol=1e-5, atol=1e-6)
+    assert not all(torch.allclose(kept[k], weights[2][k]) for k in floats)
+    metrics = pd.read_csv(run.run_dir / "metrics.csv")
+
+    raw["output_dir"] = str(tmp_path / "b")
+    cfg = config_from_dict(raw)
+
+    def kill(epoch, row):
+        if epoch == 1:
+            raise KeyboardInterrupt  # inside the window: one epoch averaged so far
+
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(cfg, 1, on_epoch_end=kill)
+    resumed = train_fold(cfg, 1, resume=True)
+    columns = ["epoch", "train_loss", "val_loss", "miou"]
+    pd.testing.assert_frame_equal(resumed.metrics[columns], metrics[columns], rtol=1e-5)
+    again = safetensors.torch.load_file(str(resumed.run_dir / "best.safetensors"))
+    assert all(torch.allclose(again[k].float(), kept[k].float(), atol=1e-5) for k in kept)
