@@ -182,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--threshold", type=float, default=0.9, help="min top-class probability to keep a pixel (default 0.9)"
     )
     p.add_argument(
+        "--class-share", type=float, default=None, metavar="P",
+        help="class-balanced thresholds (CBST): also keep each class's most confident share P of the pixels "
+        "predicted as it over the set, so rare classes are not all ignored at --threshold (e.g. 0.5)",
+    )  # fmt: skip
+    p.add_argument(
         "--pooled", action="store_true",
         help="one set labelled by every fold model (for a model trained on all images). Default: "
         "fold-matched labels (fold k's student learns from the runs' fold-k models, which never saw fold "

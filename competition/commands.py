@@ -190,6 +190,7 @@ def cmd_pseudo(args: argparse.Namespace) -> int:
         opts=_inference_options(args),
         pooled=args.pooled,
         allow_partial=args.allow_partial,
+        class_share=args.class_share,
         **_loading(args),
     )
     table = coverage_summary(summary["coverage"], summary["classes"])

@@ -7,6 +7,12 @@ predictions stay out-of-fold (``make_pseudo``). The set (``pseudo.json``, ``mask
 ``coverage.csv``; see ``data.pseudo_labels``) is written into a temp folder and renamed, so an interrupted
 run leaves nothing. Train on it with ``data.extra: [DIR]``; a second round predicts with the models of the
 first round's training and writes a new set.
+
+``class_share`` (class-balanced self-training, CBST: Zou et al., 2018): a single threshold keeps almost only
+the classes the teachers are sure of (background, large regions). With a share p, each class's pixels are
+also kept when their confidence is among the top p of the pixels predicted as that class over the whole set
+(per fold's teachers), so rare and thin classes keep their most confident pixels too. It takes two passes:
+the predictions (class and confidence, a byte each per pixel) wait in the temp folder between them.
 """
 
 from __future__ import annotations
@@ -39,6 +45,17 @@ def pseudo_mask(probs: torch.Tensor, threshold: float) -> np.ndarray:
     return mask.numpy()
 
 
+def class_thresholds(histograms: np.ndarray, share: float) -> np.ndarray:
+    """Per class, the confidence level (0-255) at which the top ``share`` of its predicted pixels start:
+    ``histograms[c, v]`` counts pixels predicted as class c at confidence level v. A class never predicted
+    gets 256 (keeps nothing)."""
+    from_top = np.cumsum(histograms[:, ::-1], axis=1)  # pixels at level >= 255 - i
+    wanted = np.ceil(share * histograms.sum(1, keepdims=True))
+    reached = np.argmax(from_top >= np.maximum(wanted, 1), axis=1)
+    levels = 255 - reached
+    return np.where(histograms.sum(1) > 0, levels, 256)
+
+
 def coverage_row(file_name: str, mask: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
     """Share of the image that is confident, and share of each class."""
     counts = np.bincount(mask.ravel(), minlength=256) / mask.size
@@ -62,6 +79,7 @@ def make_pseudo(
     progress: bool = True,
     pooled: bool = False,
     allow_partial: bool = False,
+    class_share: float | None = None,
 ) -> dict[str, Any]:
     """Write the pseudo-label set of every image of ``test_json`` into the folder ``out``; returns a summary
     (``coverage``: the per-image (and fold) table).
@@ -70,10 +88,14 @@ def make_pseudo(
     k's student never learns from a teacher that trained on fold k's validation images (the runs must share
     one folds file). ``pooled``: one mask per image from every fold model (for a model trained on all
     images; ``data.extra_pooled`` must accept it). Runs whose folds did not all finish are refused unless
-    ``allow_partial``.
+    ``allow_partial``. ``class_share``: class-balanced thresholds (see the module docstring).
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"--threshold must be in (0, 1) (a probability), got {threshold}")
+    if class_share is not None and not 0.0 < class_share <= 1.0:
+        raise ValueError(
+            f"--class-share must be in (0, 1] (a share of each class's pixels), got {class_share}"
+        )
     out = Path(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
@@ -90,29 +112,54 @@ def make_pseudo(
         dataset, {(i.height, i.width) for i in coco.images.values()}, batch_size, workers, device
     )
     origin = record("pseudo", loaded.infos, names, threshold=threshold, tta=opts.views, scales=opts.scales,
-                    partial=loaded.partial)  # fmt: skip
-    rows, items = [], []
+                    partial=loaded.partial, class_share=class_share)  # fmt: skip
+    rows, items, levels = [], [], {}
+    histograms = {key: np.zeros((len(names), 256), np.int64) for key in groups}
     with atomic_dir(out, overwrite) as tmp:
         for key in groups:
             (tmp / _mask_dir(key)).mkdir(parents=True)
+
+        def write(n: int, file_name: str, key: str, mask: np.ndarray) -> str:
+            write_png(tmp / f"{_mask_dir(key)}/{n:06d}.png", mask)
+            rows.append({**coverage_row(file_name, mask, names), "fold": key})
+            return f"{_mask_dir(key)}/{n:06d}.png"
+
         bar = tqdm(total=len(dataset), desc="pseudo", unit="img", disable=not progress)
         predictions = iterate_group_predictions(ensembles, loader, device)
         for n, (_, file_name, per_key) in enumerate(predictions):
             masks = {}
             for key, probs in per_key.items():
-                mask = pseudo_mask(probs, threshold)
-                masks[key] = f"{_mask_dir(key)}/{n:06d}.png"
-                write_png(tmp / masks[key], mask)
-                rows.append({**coverage_row(file_name, mask, names), "fold": key})
+                if class_share is None:
+                    masks[key] = write(n, file_name, key, pseudo_mask(probs, threshold))
+                    continue
+                top, classes = probs.max(0)
+                packed = np.stack([classes.numpy().astype(np.uint8), (top * 255).round().byte().numpy()])
+                np.add.at(histograms[key], (packed[0].ravel(), packed[1].ravel()), 1)
+                np.save(tmp / f"{_mask_dir(key)}/{n:06d}.npy", packed)
             items.append({"file_name": file_name, "masks": masks})
             bar.update()
         bar.close()
+        if class_share is not None:  # second pass: each class's own level, or the global threshold if lower
+            floor = int(np.ceil(threshold * 255))
+            levels = {
+                key: np.minimum(class_thresholds(h, class_share), floor) for key, h in histograms.items()
+            }
+            for n, item in enumerate(items):
+                for key in groups:
+                    stored = tmp / f"{_mask_dir(key)}/{n:06d}.npy"
+                    classes, confidence = np.load(stored)
+                    keep = confidence >= levels[key][classes]
+                    mask = np.where(keep, classes, IGNORE_INDEX).astype(np.uint8)
+                    item["masks"][key] = write(n, item["file_name"], key, mask)
+                    stored.unlink()
         coverage = pd.DataFrame(rows)
         atomic_write_csv(tmp / "coverage.csv", coverage)
         manifest = {
             "format": FORMAT,
             "class_names": names,
             "threshold": threshold,
+            "class_share": class_share,
+            "class_thresholds": {k: dict(zip(names, (v / 255).round(4).tolist())) for k, v in levels.items()},
             "image_root": str(Path(data_root).resolve()),
             "fold_matched": not pooled,
             "folds_hash": folds_hash,

@@ -246,3 +246,40 @@ def test_copy_paste_in_training_is_reproducible_per_seed_epoch_and_index(synthet
                              "folds": str(synthetic_data["folds"])}},
             ["augment.copy_paste=0.5"],
         )  # fmt: skip
+
+
+def test_class_thresholds_keep_each_classes_most_confident_share():
+    from competition.pseudo import class_thresholds
+
+    hist = np.zeros((3, 256), np.int64)
+    hist[0, 250], hist[0, 100] = 10, 10
+    hist[1, 30] = 4
+    assert class_thresholds(hist, 0.5).tolist() == [250, 30, 256]  # class 2 never predicted: keeps nothing
+    assert class_thresholds(hist, 0.6).tolist() == [100, 30, 256]  # 12 of 20 pixels reach down to 100
+    assert class_thresholds(hist, 1.0).tolist() == [100, 30, 256]
+
+
+def test_class_balanced_pseudo_labels_keep_every_predicted_class(
+    trained_run, synthetic_data, tmp_path, capsys
+):
+    cfg, _ = trained_run
+    run = cfg.output_dir / cfg.name
+    names = list(ClassMap.build(load_coco(synthetic_data["train"]).categories).names)
+    sets = {}
+    for label, extra in {
+        "all": ["--threshold", "0.001"],
+        "strict": ["--threshold", "0.999"],
+        "balanced": ["--threshold", "0.999", "--class-share", "0.5"],
+    }.items():
+        assert _pseudo_cli(run, synthetic_data, tmp_path / label, *extra) == 0
+        sets[label] = pd.read_csv(tmp_path / label / "coverage.csv").groupby("fold")[names].sum()
+    predicted = sets["all"]
+    assert (sets["balanced"] >= 0.5 * predicted - 1e-9).all().all()  # at least half of each class kept
+    assert (sets["balanced"] >= sets["strict"] - 1e-9).all().all()
+    assert (sets["balanced"].to_numpy()[predicted.to_numpy() > 0] > 0).all()
+    manifest = json.loads((tmp_path / "balanced" / "pseudo.json").read_text())
+    assert manifest["class_share"] == 0.5 and set(manifest["class_thresholds"]) == {"0", "1"}
+    assert not list((tmp_path / "balanced").rglob("*.npy"))  # the first pass's predictions are gone
+    assert _pseudo_cli(run, synthetic_data, tmp_path / "bad", "--class-share", "1.5") == 1
+    assert "--class-share must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
