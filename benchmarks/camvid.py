@@ -13,7 +13,16 @@ recipe's eval size (240x320; labels resized nearest), as ``metrics.csv`` records
 Finished runs are reused and interrupted ones resumed (``OUT/runs/<variant>_s<seed>``), so the command can be
 run again after a kill and extended with more seeds or variants.
 
+``--techniques``: each finished run's inference-time techniques on the val split, scored at the native
+480x360 against labels rasterised at that size (as CamVid papers score): plain, TTA (hflip; hflip + scales
+0.75/1/1.25) and dense CRF with pydensecrf's example setting (``CrfSettings()``; nothing chosen on val) on
+the plain and the flip probabilities. ``--tune-crf`` adds CRF tuned without
+the images it scores (val frames in order, split in halves; each half refined with the setting, or none,
+chosen among ``crf.CRF_CANDIDATES`` on the other half). ``OUT/techniques.csv`` has one row per run and
+technique; the summary gives each technique's paired difference to plain, mean ± std over the runs.
+
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p,unetplusplus --seeds 0,1,2 --epochs 16
+python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 0 --epochs 16 --techniques
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from leaderboard_inference import lite0
@@ -97,6 +107,70 @@ def one_run(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> d
     return row
 
 
+def techniques(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
+    """The val mIoU at native size of a finished run under each inference technique."""
+    from competition.crf import CRF_CANDIDATES, CrfSettings, dense_crf
+    from competition.data.coco import ClassMap, load_coco, rasterize
+    from competition.data.images import read_image
+    from competition.metrics import confusion, iou_of, miou_of
+    from competition.predictor import Ensemble, InferenceOptions, load_specs
+
+    cfg = run_config(variant, seed, args, folds)
+    specs, names = load_specs([cfg.output_dir / cfg.name])
+    coco = load_coco(cfg.data.annotations, cfg.data.root)
+    class_map = ClassMap.build(coco.categories, names, background=False)
+    val = set(pd.read_csv(folds).query("fold == 0")["image_id"])
+    options = {
+        "plain": InferenceOptions(),
+        "tta_hflip": InferenceOptions(views=["identity", "hflip"]),
+        "tta_hflip_scales": InferenceOptions(views=["identity", "hflip"], scales=[0.75, 1.0, 1.25]),
+    }
+    ensembles = {name: Ensemble(specs, opts) for name, opts in options.items()}
+    crf_of = ("plain", "tta_hflip")
+    counts = {
+        k: np.zeros((len(names), len(names)), np.int64) for k in [*options, *(f"{k}+crf" for k in crf_of)]
+    }
+    seconds = dict.fromkeys(counts, 0.0)
+    # CRF tuned without the images it scores: val frames in order, first half / second half; each half is
+    # scored with the setting (or none) that scored best on the other half
+    order = sorted(val, key=lambda i: coco.images[i].file_name)
+    half = {i: int(n >= len(order) // 2) for n, i in enumerate(order)}
+    tuned = np.zeros((2, 1 + len(CRF_CANDIDATES), len(names), len(names)), np.int64)
+    for image_id in order:
+        info = coco.images[image_id]
+        image = read_image(cfg.data.root / info.file_name)
+        target = rasterize(
+            coco.annotations[image_id], info.height, info.width, class_map.category_to_class, fill=255
+        )
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        for name, ensemble in ensembles.items():
+            started = time.perf_counter()
+            probs = ensemble(x)[0].numpy()
+            seconds[name] += time.perf_counter() - started
+            counts[name] += confusion(probs.argmax(0), target, len(names), 255)
+            if name in crf_of:
+                started = time.perf_counter()
+                refined = dense_crf(image, probs, CrfSettings())
+                seconds[f"{name}+crf"] += time.perf_counter() - started
+                counts[f"{name}+crf"] += confusion(refined.argmax(0), target, len(names), 255)
+            if name == "plain" and args.tune_crf:
+                tuned[half[image_id], 0] += confusion(probs.argmax(0), target, len(names), 255)
+                for k, setting in enumerate(CRF_CANDIDATES, start=1):
+                    refined = dense_crf(image, probs, setting)
+                    tuned[half[image_id], k] += confusion(refined.argmax(0), target, len(names), 255)
+    if args.tune_crf:
+        chosen = [int(np.argmax([miou_of(m) for m in tuned[1 - h]])) for h in (0, 1)]
+        counts["plain+crf_tuned_halves"] = tuned[0, chosen[0]] + tuned[1, chosen[1]]
+        seconds["plain+crf_tuned_halves"] = seconds["plain+crf"]
+        print(f"CRF chosen on the other half of val (0 = none): {chosen}", flush=True)
+    rows = []
+    for name, matrix in counts.items():
+        row = {"variant": variant, "seed": seed, "technique": name, "miou": miou_of(matrix)}
+        row |= dict(zip(names, iou_of(matrix).tolist())) | {"s_per_image": seconds[name] / len(val)}
+        rows.append(row)
+    return rows
+
+
 def summary(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     """Mean ± std over seeds per variant, and the paired difference to ``reference`` (same seeds)."""
     rows = []
@@ -115,6 +189,29 @@ def summary(table: pd.DataFrame, reference: str) -> pd.DataFrame:
         row |= {c: f"{g[c].mean():.3f}" for c in THIN_AND_RARE}
         row |= {"min_per_run": f"{g['train_s'].mean() / 60:.1f}"}
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def save_rows(path: Path, rows: list[dict], variant: str, seed: int) -> None:
+    """Replace the rows of (variant, seed) in the CSV ``path`` by ``rows``."""
+    done = pd.read_csv(path) if path.is_file() else pd.DataFrame()
+    if len(done):
+        done = done[~((done["variant"] == variant) & (done["seed"] == seed))]
+    pd.concat([done, pd.DataFrame(rows)]).to_csv(path, index=False)
+
+
+def technique_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per technique: mIoU mean ± std over the runs, and the paired difference to plain."""
+    plain = table[table["technique"] == "plain"].set_index(["variant", "seed"])["miou"]
+    rows = []
+    for name, group in table.groupby("technique", sort=False):
+        g = group.set_index(["variant", "seed"])["miou"]
+        delta = g - plain
+        rows.append(
+            {"technique": name, "runs": len(g), "miou": f"{g.mean():.4f} ± {g.std(ddof=1):.4f}",
+             "delta_vs_plain": f"{delta.mean():+.4f} ± {delta.std(ddof=1):.4f}",
+             "s_per_image": f"{group['s_per_image'].mean():.2f}"}
+        )  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -137,6 +234,10 @@ def main() -> None:
     )
     parser.add_argument("--reference", default="unetplusplus", help="variant the paired differences are to")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for every variant")
+    parser.add_argument("--techniques", action="store_true", help="also score inference techniques per run")
+    parser.add_argument(
+        "--tune-crf", action="store_true", help="with --techniques: CRF chosen per val half on the other half"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     folds = write_folds(args.data, args.out)
@@ -144,20 +245,19 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for variant in args.variants.split(","):
             row = one_run(variant, seed, args, folds)
-            done = pd.read_csv(results) if results.is_file() else pd.DataFrame()
-            if len(done):
-                done = done[~((done["variant"] == variant) & (done["seed"] == seed))]
-            pd.concat([done, pd.DataFrame([row])]).to_csv(
-                results, index=False
-            )  # partial results as they come
+            save_rows(results, [row], variant, seed)  # partial results as they come
             print(
                 f"{variant} seed {seed}: val mIoU {row['miou']:.4f} after {row['epochs']} epochs", flush=True
             )
+            if args.techniques:
+                save_rows(args.out / "techniques.csv", techniques(variant, seed, args, folds), variant, seed)
     table = pd.read_csv(results)
     print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} torch {torch.__version__}, {args.epochs} epochs")
     print(summary(table, args.reference).to_string(index=False))
     per_class = table.groupby("variant")[[c for c in table.columns if c[0].isupper()]].mean()
     print(per_class.T.to_string(float_format=lambda v: f"{v:.3f}"))
+    if args.techniques:
+        print(technique_summary(pd.read_csv(args.out / "techniques.csv")).to_string(index=False))
 
 
 if __name__ == "__main__":
