@@ -324,6 +324,10 @@ def _tune_crf(oof: Any, weights: Any, out: Path, overwrite: bool) -> None:
     PostProcess(oof.class_names, scores=scores, provenance=block, crf=chosen).save(out, overwrite)
     for row in tuned.table:
         print(f"  CRF {row['setting']}: OOF mIoU {row['oof_miou']:.4f}")
+    if tuned.fold_scores:
+        gains = np.array([nested - plain for plain, nested in tuned.fold_scores.values()])
+        spread = f"mean {gains.mean():+.4f} ± {gains.std(ddof=1):.4f}"
+        print(f"nested gain per fold: {np.round(gains, 4).tolist()} ({spread})")
     print(
         f"dense CRF: {chosen or 'none (none beat the plain arg-max)'}; OOF mIoU plain {tuned.baseline:.4f}, "
         f"with it {tuned.in_sample:.4f} in-sample, {tuned.nested:.4f} nested (NaN with one fold) -> {out}"

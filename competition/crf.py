@@ -101,7 +101,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, settings: CrfSettings) -> np
 @dataclass
 class CrfTuned:
     """``tune_crf``'s result: the setting chosen on every fold (``None``: CRF does not help), the settings
-    chosen without each fold, and OOF mIoU plain / in-sample / nested."""
+    chosen without each fold, OOF mIoU plain / in-sample / nested, and per fold ``(plain, nested)`` mIoU
+    (the spread of the nested gain over folds)."""
 
     settings: CrfSettings | None
     fold_settings: dict[int, CrfSettings | None]
@@ -109,6 +110,7 @@ class CrfTuned:
     in_sample: float
     nested: float
     table: list[dict[str, Any]]
+    fold_scores: dict[int, tuple[float, float]]
 
 
 def tune_crf(
@@ -152,7 +154,10 @@ def tune_crf(
     nested_counts = sum(counts[f][choose(f)] for f in folds) if len(folds) > 1 else None
     nested = miou_of(nested_counts) if nested_counts is not None else float("nan")
     table = [{"setting": "none" if o is None else asdict(o), "oof_miou": s} for o, s in zip(options, scores)]
+    per_fold = (
+        {f: (miou_of(counts[f][0]), miou_of(counts[f][choose(f)])) for f in folds} if len(folds) > 1 else {}
+    )
     return CrfTuned(
         options[best], {f: options[choose(f)] for f in folds} if len(folds) > 1 else {}, scores[0],
-        scores[best], nested, table,
+        scores[best], nested, table, per_fold,
     )  # fmt: skip

@@ -67,13 +67,16 @@ def test_tune_crf_scores_each_fold_with_a_setting_chosen_without_it(tmp_path):
     tuned = tune_crf(oof, files, tmp_path, candidates=candidates, progress=False)
     assert tuned.settings is not None and tuned.in_sample > tuned.baseline + 0.1
     # the nested score by hand: fold f refined with the setting chosen on the other fold
-    total = np.zeros((2, 2), np.int64)
+    per_fold = {f: np.zeros((2, 2, 2), np.int64) for f in (0, 1)}  # [plain, nested]
     for key, fold, probs, target in oof:
         image = cv2.imread(str(tmp_path / files[key]))[..., ::-1]
         setting = tuned.fold_settings[fold]
         refined = probs[0] if setting is None else dense_crf(image, probs[0], setting)
-        total += confusion(refined.argmax(0), target, 2, 255)
-    assert tuned.nested == pytest.approx(miou_of(total))
+        per_fold[fold][0] += confusion(probs[0].argmax(0), target, 2, 255)
+        per_fold[fold][1] += confusion(refined.argmax(0), target, 2, 255)
+    assert tuned.nested == pytest.approx(miou_of(per_fold[0][1] + per_fold[1][1]))
+    for fold, (plain, nested) in tuned.fold_scores.items():
+        assert (plain, nested) == pytest.approx((miou_of(per_fold[fold][0]), miou_of(per_fold[fold][1])))
     # what fold 0 holds never changes the setting fold 0 is scored with
     other, files_b = _oof_with_images(tmp_path, "b", fold0_noise=0.45)
     changed = tune_crf(other, files_b, tmp_path, candidates=candidates, progress=False)
