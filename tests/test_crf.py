@@ -12,7 +12,7 @@ from conftest import fake_oof_run, onehot
 pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 not installed (the [crf] extra)")
 
 from competition.cli import main  # noqa: E402
-from competition.crf import CrfSettings, dense_crf, tune_crf  # noqa: E402
+from competition.crf import CRF_CANDIDATES, CrfSettings, dense_crf, tune_crf  # noqa: E402
 from competition.metrics import confusion, miou_of  # noqa: E402
 from competition.oof import OofRuns  # noqa: E402
 from competition.postprocess import PostProcess  # noqa: E402
@@ -115,3 +115,19 @@ def test_a_crf_setting_round_trips_and_predict_applies_it(trained_run, synthetic
     bad.write_text(json.dumps({"class_names": names, "crf": {"sxy": 3}}))
     with pytest.raises(ValueError, match="unknown CRF settings"):
         PostProcess.load(bad, names)
+
+
+def test_evaluate_tune_crf_writes_a_postprocess_file_predict_reads(trained_run, tmp_path, capsys):
+    cfg, _ = trained_run
+    run = str(cfg.output_dir / cfg.name)
+    out = tmp_path / "crf.json"
+    assert main(["evaluate", "--runs", run, "--tune-crf", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "nested gain per fold" in printed and f"-> {out}" in printed
+    saved = json.loads(out.read_text())
+    assert saved["crf"] is None or CrfSettings.from_dict(saved["crf"]) in CRF_CANDIDATES
+    assert set(saved["scores"]) == {"oof_miou_plain", "oof_miou_in_sample", "oof_miou_nested"}
+    assert saved["scores"]["oof_miou_in_sample"] >= saved["scores"]["oof_miou_plain"]
+    assert saved["provenance"]["runs"][0]["name"] == cfg.name
+    assert main(["evaluate", "--runs", run, "--tune-crf", str(out)]) == 1  # never overwritten silently
+    assert "--overwrite" in capsys.readouterr().err
