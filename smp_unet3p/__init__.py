@@ -5,6 +5,7 @@
 """
 
 from . import losses
+from .decoders.deep_supervision import DSUnet, DSUnetPlusPlus
 from .decoders.unet3plus import Unet3Plus, Unet3PlusDecoder, Unet3PlusTrainOutput
 from .encoders import EncoderWeightsError, get_encoder, load_encoder_weights, read_state_dict
 from .modules.cgm import ClassificationGuidedModule, gate_logits, presence_from_mask
@@ -18,6 +19,8 @@ __all__ = [
     "Unet3Plus",
     "Unet3PlusDecoder",
     "Unet3PlusTrainOutput",
+    "DSUnet",
+    "DSUnetPlusPlus",
     "ClassificationGuidedModule",
     "gate_logits",
     "presence_from_mask",

@@ -14,6 +14,7 @@ import segmentation_models_pytorch as smp
 from torch import nn
 
 from ._names import did_you_mean
+from .decoders.deep_supervision import DEEP_SUPERVISED
 from .decoders.unet3plus import Unet3Plus
 from .encoders import download_hint, is_local_weights, load_encoder_weights
 
@@ -36,6 +37,8 @@ def register() -> None:
         architectures = getattr(smp, "_MODEL_ARCHITECTURES", None)
         if isinstance(architectures, list) and cls not in architectures:
             architectures.append(cls)
+    for cls in DEEP_SUPERVISED.values():  # smp.from_pretrained finds a saved class by its name
+        setattr(smp, cls.__name__, cls)
 
 
 def available_architectures() -> list[str]:
@@ -55,6 +58,15 @@ def resolve_architecture(arch: str) -> type[nn.Module]:
     raise ValueError(f"Unknown architecture {arch!r}.{hint} Available: {', '.join(sorted(table))}")
 
 
+def model_class(arch: str, kwargs: dict[str, Any]) -> type[nn.Module]:
+    """The class ``create_model`` builds: the architecture's, or for smp's ``Unet`` / ``UnetPlusPlus`` given
+    ``deep_supervision=True`` their deep-supervised subclass (``decoders.deep_supervision``)."""
+    cls = resolve_architecture(arch)
+    if cls in DEEP_SUPERVISED and "deep_supervision" in kwargs:
+        return DEEP_SUPERVISED[cls]
+    return cls
+
+
 def check_model_kwargs(arch: str, encoder_name: str, kwargs: dict[str, Any]) -> None:
     """Raise ``TypeError`` unless every keyword is a parameter of the architecture's constructor or, with a
     timm (``tu-``) encoder, one the timm model accepts (smp passes the rest to it). smp's own encoders drop
@@ -62,8 +74,14 @@ def check_model_kwargs(arch: str, encoder_name: str, kwargs: dict[str, Any]) -> 
     """
     import inspect
 
-    cls = resolve_architecture(arch)
-    own = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kwargs", "args")]
+    cls = model_class(arch, kwargs)
+    bases = [cls, *(base for base, ds in DEEP_SUPERVISED.items() if ds is cls)]  # a DS class takes smp's too
+    own = [
+        p
+        for c in bases
+        for p in inspect.signature(c.__init__).parameters
+        if p not in ("self", "kwargs", "args")
+    ]
     aliases = ("decoder_use_batchnorm",)  # smp's deprecated name, read from kwargs by smp and Unet3Plus
     rest = {k: v for k, v in kwargs.items() if k not in own and k not in aliases}
     if not rest:
@@ -99,11 +117,13 @@ def create_model(
 ) -> nn.Module:
     """Build any smp architecture or ``unet3plus`` by name (case, ``-`` and ``_`` insensitive).
 
-    ``encoder_weights`` may also be a local ``.safetensors``/``.pth`` file or directory, for every
+    ``deep_supervision`` with ``unet`` / ``unetplusplus`` builds smp's model with side outputs
+    (``DSUnet`` / ``DSUnetPlusPlus``). ``encoder_weights`` may also be a local ``.safetensors``/``.pth`` file
+    or directory, for every
     architecture (loaded into ``model.encoder`` with strict key/shape checks). Keywords the architecture
     (or a ``tu-`` encoder) does not take are an error (``check_model_kwargs``), never dropped.
     """
-    cls = resolve_architecture(arch)
+    cls = model_class(arch, kwargs)
     check_model_kwargs(arch, encoder_name, kwargs)
     local = is_local_weights(encoder_weights)
     with download_hint(encoder_name, None if local else encoder_weights):
