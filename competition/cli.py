@@ -169,6 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_predict)
 
     p = sub.add_parser(
+        "export",
+        help="pack what predict needs from runs (+ONNX, weights, postprocess.json) into an offline bundle",
+    )
+    _add_runs_args(p)
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    p.add_argument("--postprocess", type=Path, default=None, help="postprocess.json to include")
+    p.add_argument(
+        "--onnx", action="store_true",
+        help="also export each fold to model.onnx (dynamic batch and size, checked against eager first)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.set_defaults(func=commands.cmd_export)
+
+    p = sub.add_parser(
         "pseudo",
         help="pseudo-label unlabelled (test) images with the fold/run ensemble + TTA -> a set for data.extra",
         description="Predict every image of --test with the ensemble of every fold of --runs (+TTA); each "
@@ -336,7 +350,19 @@ def _add_prediction_inputs(p: argparse.ArgumentParser, test_help: str, folder: b
     """``--runs``, ``--weights``, ``--data-root`` and ``--test``; with ``folder``, ``--images DIR`` instead of
     the last two (every image under DIR, no json)."""
     _add_allow_partial(p)
-    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs (every fold) or fold dirs")
+    p.add_argument(
+        "--runs", nargs="+", required=not folder, type=Path, help="run dirs (every fold) or fold dirs"
+    )
+    if folder:  # predict: a bundle instead of runs
+        p.add_argument(
+            "--bundle", type=Path, default=None,
+            help="instead of --runs: a bundle of competition export (hashes checked; its weights and "
+            "postprocess.json used unless --weights / --postprocess are given)",
+        )  # fmt: skip
+        p.add_argument(
+            "--engine", choices=("torch", "onnxruntime"), default="torch",
+            help="run the eager models, or each fold's model.onnx (a bundle exported with --onnx)",
+        )  # fmt: skip
     p.add_argument("--weights", default=None, help="comma-separated weight per run (default: equal)")
     p.add_argument(
         "--data-root", required=not folder, type=Path, help="folder the test file names are relative to"

@@ -129,20 +129,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     given = [args.data_root is not None, args.test is not None]
     if (args.images is not None and any(given)) or (args.images is None and not all(given)):
         raise ConfigError("give --images DIR, or --data-root and --test (not both)")
+    runs, weights, postprocess = args.runs, _floats(args.weights), args.postprocess
+    if (runs is None) == (args.bundle is None):
+        raise ConfigError("give --runs or --bundle (one of them)")
+    if args.bundle is not None:
+        from .bundle import read_bundle
+
+        bundle = read_bundle(args.bundle)
+        runs, weights = bundle.runs, weights or bundle.weights
+        postprocess = postprocess or bundle.postprocess
     summary = predict(
-        args.runs,
+        runs,
         args.images or args.data_root,
         args.images or args.test,
         args.out,
-        weights=_floats(args.weights),
+        weights=weights,
         opts=_inference_options(args),
         fmt=args.format,
         size=args.size or None,
         save_probs=args.save_probs,
         probs_size=(args.size if args.probs_size is None else args.probs_size) or None,
         overlays=args.overlays,
-        postprocess=args.postprocess,
+        postprocess=postprocess,
         allow_partial=args.allow_partial,
+        engine=args.engine,
         **_loading(args),
     )
     print(
@@ -151,6 +161,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     if summary["probs"]:
         print(f"probabilities: {summary['probs']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .bundle import bundle_size, export_bundle
+
+    manifest = export_bundle(
+        args.runs, args.out, _floats(args.weights), args.postprocess, args.onnx, args.overwrite
+    )
+    folds = sum(name.endswith("best.safetensors") for name in manifest["files"])
+    size, runs_size = bundle_size(args.out) / 2**20, sum(bundle_size(r) for r in args.runs) / 2**20
+    print(
+        f"bundle: {args.out} ({len(manifest['runs'])} runs, {folds} folds, {size:.1f} MB; the run folders "
+        f"hold {runs_size:.1f} MB)"
+    )
+    if manifest["onnx"]:
+        worst = max(manifest["onnx_max_difference"].values())
+        print(f"ONNX: every fold checked against eager, max logit difference {worst:.1e} of the largest")
     return 0
 
 

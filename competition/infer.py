@@ -38,14 +38,16 @@ def predict(
     progress: bool = True,
     postprocess: str | os.PathLike | None = None,
     allow_partial: bool = False,
+    engine: str = "torch",
 ) -> dict[str, Any]:
     """Predict every image of ``test_json`` (a COCO json, or a folder: every image under it) with the
     weighted ensemble of every fold of ``runs`` (+ TTA) and write the submission (validated, atomic) with its
     provenance beside it (``submission.provenance.json``);
     optionally the probabilities (``save_probs``, float16 at ``probs_size``, 0 / ``None``: native) for later
     multi-run ensembling, and overlay PNGs of the first ``overlays`` images. ``size=None``: native-size
-    masks. ``postprocess``: a ``postprocess.json`` (tuned on OOF) applied to each submission mask. Runs whose
-    folds did not all finish are refused unless ``allow_partial`` (the provenance records it).
+    masks. ``postprocess``: a ``postprocess.json`` (tuned on OOF) applied to each submission mask.
+    ``engine``: ``torch``, or ``onnxruntime`` (each fold's ``model.onnx``, in a bundle made with ``--onnx``).
+    Runs whose folds did not all finish are refused unless ``allow_partial`` (the provenance records it).
     """
     from .data.coco import folder_index, load_coco, safe_join
     from .data.datasets import TestImageDataset, read_image
@@ -60,7 +62,7 @@ def predict(
     if save_probs:
         check_writable(save_probs, overwrite)
     coco = folder_index(test_json) if Path(test_json).is_dir() else load_coco(test_json, data_root)
-    loaded = load_runs(runs, weights, device, allow_partial)
+    loaded = load_runs(runs, weights, device, allow_partial, engine)
     specs, names = loaded.specs, loaded.names
     post = PostProcess.load(postprocess, names) if postprocess else None
     if post is not None and post.changes_masks and loaded.background != 0:

@@ -228,10 +228,12 @@ def load_runs(
     weights: Sequence[float] | None = None,
     device: Any = "cpu",
     allow_partial: bool = False,
+    engine: str = "torch",
 ) -> LoadedRuns:
     """Every fold of every run as a ``ModelSpec``; a run's weight is split evenly over its folds. Runs whose
     folds did not all finish are refused unless ``allow_partial`` (``provenance.check_complete``); the class
-    names must agree across runs."""
+    names must agree across runs. ``engine="onnxruntime"``: each fold's ``model.onnx``
+    (``competition.bundle``) runs instead of the eager model."""
     from .provenance import common_background, complete_runs
 
     run_weights = normalize_weights(weights, len(runs))  # checked before any model is loaded
@@ -241,6 +243,12 @@ def load_runs(
         dirs = info.fold_dirs()
         for d in dirs:
             model, cfg, meta = ckpt.load_fold_model(d, device)
+            if engine == "onnxruntime":
+                from .bundle import ONNX_FILE, OnnxModel
+
+                model = OnnxModel(d / ONNX_FILE)
+            elif engine != "torch":
+                raise ValueError(f"engine must be 'torch' or 'onnxruntime', got {engine!r}")
             if names is None:
                 names = meta["classes"]
             elif meta["classes"] != names:
