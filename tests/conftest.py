@@ -96,3 +96,21 @@ def onehot(labels, classes, confidence=1.0):
     for c in range(classes):
         probs[c][labels == c] = confidence
     return probs
+
+
+def readme_command_lines(section: str | None = None) -> list[str]:
+    """The README's ``competition ...`` lines (continuations joined, comments dropped); with ``section``,
+    those of the first bash block after that heading only."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    if section is not None:
+        text = text[text.index(section) :]
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = []
+    for block in blocks[:1] if section is not None else blocks:
+        for line in block.replace("\\\n", " ").splitlines():
+            start = line.find("competition ")
+            if start >= 0:
+                lines.append(re.sub(r"\s+#.*$", "", line[start:].split("&&")[0]).strip())
+    return lines

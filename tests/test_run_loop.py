@@ -322,19 +322,13 @@ def test_a_fold_without_training_images_is_an_error_naming_the_fold_and_file(syn
 def test_every_command_line_in_the_readme_parses_as_written():
     """The README's ``competition ...`` lines (continuations joined, comments dropped) name only options
     that exist and give every required one, so the examples cannot drift from the CLI again."""
-    import re
     import shlex
-    from pathlib import Path
+
+    from conftest import readme_command_lines
 
     from competition.cli import build_parser
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    lines = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            start = line.find("competition ")
-            if start >= 0:
-                lines.append(re.sub(r"\s+#.*$", "", line[start:].split("&&")[0]).strip())
+    lines = readme_command_lines()
     assert len(lines) >= 15
     parser = build_parser()
     for line in lines:
