@@ -47,7 +47,7 @@ def main() -> None:
         bundle = Path(tmp) / "bundle"
         export_bundle([args.run], bundle, onnx=True)
         print(
-            f"# {time.strftime('%Y-%m-%d')} {platform.node()} torch {torch.__version__}, {args.threads} threads"
+            f"# {time.strftime('%Y-%m-%d')} {platform.node()} torch {torch.__version__}, {args.threads} thr"
         )
         print(
             f"bundle {bundle_size(bundle) / 2**20:.1f} MB, run folder {bundle_size(args.run) / 2**20:.1f} MB"
