@@ -46,9 +46,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "bundle"
         export_bundle([args.run], bundle, onnx=True)
-        print(
-            f"# {time.strftime('%Y-%m-%d')} {platform.node()} torch {torch.__version__}, {args.threads} thr"
-        )
+        stamp = f"# {time.strftime('%Y-%m-%d')} {platform.node()} torch {torch.__version__}"
+        print(f"{stamp}, {args.threads} threads")
         print(
             f"bundle {bundle_size(bundle) / 2**20:.1f} MB, run folder {bundle_size(args.run) / 2**20:.1f} MB"
         )
