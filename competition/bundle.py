@@ -117,7 +117,6 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Write the bundle of ``runs`` (every fold finished) to ``out``; returns the manifest."""
     from .postprocess import PostProcess
-    from .predictor import load_runs
     from .provenance import complete_runs
     from .runtime import normalize_weights
 
@@ -126,7 +125,9 @@ def export_bundle(
     if len(set(names)) < len(names):
         raise BundleError(f"runs with the same name cannot share a bundle: {names}")
     run_weights = normalize_weights(weights, len(runs)).tolist()
-    classes = load_runs(runs, weights).names  # the runs must agree on their classes, as predict checks
+    classes = infos[0].class_names
+    if any(info.class_names != classes for info in infos):  # as predict checks
+        raise BundleError(f"runs predict different classes: {[(i.name, i.class_names) for i in infos]}")
     if postprocess is not None:
         PostProcess.load(postprocess, classes)
     with atomic_dir(out, overwrite) as tmp:

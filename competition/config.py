@@ -73,12 +73,12 @@ class DataConfig(_Section):
     def _background_first(self) -> DataConfig:
         if self.background == "none" and self.classes is None:
             raise ValueError("background: none needs data.classes (the class names, none of them background)")
-        if self.background not in ("auto", "none") and self.classes is not None:
-            if self.background.strip().lower() != self.classes[0].strip().lower():
-                raise ValueError(
-                    f"background {self.background!r} must be the first of data.classes (class 0), which is "
-                    f"{self.classes[0]!r}: put it first, or use 'none' for data without a background class"
-                )
+        named = self.background not in ("auto", "none") and self.classes is not None
+        if named and self.background.strip().lower() != self.classes[0].strip().lower():
+            raise ValueError(
+                f"background {self.background!r} must be the first of data.classes (class 0), which is "
+                f"{self.classes[0]!r}: put it first, or use 'none' for data without a background class"
+            )
         return self
 
     def background_index(self) -> int | None:
@@ -335,8 +335,7 @@ class TrainConfig(_Section):
     time_limit: float | None = Field(default=None, gt=0)  # seconds for the whole `train` command, or "8h30m"
     init_from: str | None = None  # another run's folder (fold k from its fold k) or a .safetensors file
     init_any_folds: bool = False  # accept a teacher run trained on another folds file (leaks validation)
-    # which weights best.safetensors (and so OOF and predict) holds: the best validation mIoU, or the last
-    # epoch's ("last": a held-out validation split that nothing, not even the epoch, may be chosen on)
+    # best.safetensors (OOF, predict) holds the best-mIoU epoch or the last ("last": nothing chosen on val)
     keep: Literal["best", "last"] = "best"
     device: str = "auto"
     nan_policy: Literal["stop", "skip"] = "stop"
