@@ -21,8 +21,14 @@ the images it scores (val frames in order, split in halves; each half refined wi
 chosen among ``crf.CRF_CANDIDATES`` on the other half). ``OUT/techniques.csv`` has one row per run and
 technique; the summary gives each technique's paired difference to plain, mean ± std over the runs.
 
+``--pseudo-quality``: each finished run pseudo-labels the val images as if they were test images
+(``competition.pseudo``, pooled, no TTA) at threshold 0.9, and at 0.9 with class-balanced thresholds
+(``class_share=0.5``); per class, the share of its true pixels labelled right (coverage) and of its labelled
+pixels that are right (precision), against the real labels (``OUT/pseudo_quality.csv``).
+
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p,unetplusplus --seeds 0,1,2 --epochs 16
-python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 0 --epochs 16 --techniques
+python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 0 --epochs 16 --techniques --tune-crf
+python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 0 --epochs 16 --pseudo-quality
 """
 
 from __future__ import annotations
@@ -171,6 +177,50 @@ def techniques(variant: str, seed: int, args: argparse.Namespace, folds: Path) -
     return rows
 
 
+def pseudo_quality(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
+    """Pseudo-labels of the val images (as if they were test images) by a finished run, with one threshold
+    and with class-balanced thresholds: per class, the share of its true pixels that get a label (coverage)
+    and the share of its labelled pixels that are right (precision), against the real val labels."""
+    import cv2
+
+    from competition.data.coco import ClassMap, load_coco, rasterize
+    from competition.pseudo import make_pseudo
+
+    cfg = run_config(variant, seed, args, folds)
+    coco = load_coco(cfg.data.annotations, cfg.data.root)
+    class_map = ClassMap.build(coco.categories, cfg.data.classes, background=False)
+    val = sorted(pd.read_csv(folds).query("fold == 0")["image_id"])
+    test_json = args.out / "val_images.json"
+    test_json.write_text(json.dumps({"images": [vars(coco.images[i]) for i in val]}))
+    rows = []
+    for label, share in (("threshold 0.9", None), ("0.9 + class share 0.5", 0.5)):
+        out = args.out / f"pseudo_{variant}_s{seed}_{share}"
+        made = make_pseudo(
+            [cfg.output_dir / cfg.name], cfg.data.root, test_json, out, threshold=0.9, overwrite=True,
+            progress=False, pooled=True, allow_partial=True, class_share=share, workers=0,
+        )  # fmt: skip
+        manifest = json.loads((out / "pseudo.json").read_text())
+        hits = np.zeros((3, len(class_map.names)), np.int64)  # true pixels, labelled, labelled right
+        for item, image_id in zip(manifest["images"], val):
+            info = coco.images[image_id]
+            truth = rasterize(
+                coco.annotations[image_id], info.height, info.width, class_map.category_to_class, fill=255
+            )
+            mask = cv2.imread(str(out / item["masks"]["pooled"]), cv2.IMREAD_UNCHANGED)
+            for c in range(len(class_map.names)):
+                hits[0, c] += (truth == c).sum()
+                hits[1, c] += (mask == c).sum()
+                hits[2, c] += ((mask == c) & (truth == c)).sum()
+        coverage = hits[2] / np.maximum(hits[0], 1)
+        precision = hits[2] / np.maximum(hits[1], 1)
+        row = {"variant": variant, "seed": seed, "method": label, "images": made["images"]}
+        row |= {"coverage_all": hits[2].sum() / hits[0].sum(), "precision_all": hits[2].sum() / hits[1].sum()}
+        row |= {f"coverage_{n}": v for n, v in zip(class_map.names, coverage)}
+        row |= {f"precision_{n}": v for n, v in zip(class_map.names, precision)}
+        rows.append(row)
+    return rows
+
+
 def summary(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     """Mean ± std over seeds per variant, and the paired difference to ``reference`` (same seeds)."""
     rows = []
@@ -236,6 +286,11 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for every variant")
     parser.add_argument("--techniques", action="store_true", help="also score inference techniques per run")
     parser.add_argument(
+        "--pseudo-quality",
+        action="store_true",
+        help="also pseudo-label val (0.9 vs class-balanced) and score it",
+    )
+    parser.add_argument(
         "--tune-crf", action="store_true", help="with --techniques: CRF chosen per val half on the other half"
     )
     args = parser.parse_args()
@@ -251,6 +306,10 @@ def main() -> None:
             )
             if args.techniques:
                 save_rows(args.out / "techniques.csv", techniques(variant, seed, args, folds), variant, seed)
+            if args.pseudo_quality:
+                quality = pseudo_quality(variant, seed, args, folds)
+                save_rows(args.out / "pseudo_quality.csv", quality, variant, seed)
+                print(pd.DataFrame(quality).T.to_string())
     table = pd.read_csv(results)
     print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} torch {torch.__version__}, {args.epochs} epochs")
     print(summary(table, args.reference).to_string(index=False))
