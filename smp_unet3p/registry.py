@@ -76,12 +76,14 @@ def check_model_kwargs(arch: str, encoder_name: str, kwargs: dict[str, Any]) -> 
 
     cls = model_class(arch, kwargs)
     bases = [cls, *(base for base, ds in DEEP_SUPERVISED.items() if ds is cls)]  # a DS class takes smp's too
-    own = [
-        p
-        for c in bases
-        for p in inspect.signature(c.__init__).parameters
-        if p not in ("self", "kwargs", "args")
-    ]
+    own = list(
+        dict.fromkeys(
+            p
+            for c in bases
+            for p in inspect.signature(c.__init__).parameters
+            if p not in ("self", "kwargs", "args")
+        )
+    )
     aliases = ("decoder_use_batchnorm",)  # smp's deprecated name, read from kwargs by smp and Unet3Plus
     rest = {k: v for k, v in kwargs.items() if k not in own and k not in aliases}
     if not rest:

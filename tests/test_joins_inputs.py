@@ -114,7 +114,7 @@ def test_model_params_are_checked_against_the_architecture(synthetic_data, tmp_p
     raw = tiny_config_dict(synthetic_data, tmp_path)
     with pytest.raises(
         ConfigError,
-        match=r"\['cgm', 'cgm_gate', 'decoder_cat_channels', 'deep_supervision'\] not parameters of Unet\.",
+        match=r"\['cgm', 'cgm_gate', 'decoder_cat_channels'\] not parameters of DSUnet\.",  # DS is accepted
     ):
         config_from_dict(raw, ["model.arch=unet"])
     raw["model"]["params"] = {"deep_supervison": True}
@@ -133,7 +133,7 @@ def test_model_params_are_checked_against_the_architecture(synthetic_data, tmp_p
     raw["model"]["params"] = {"decoder_attention_type": "scse"}
     assert config_from_dict(raw, ["model.arch=unetplusplus"]).model.params["decoder_attention_type"] == "scse"
     with pytest.raises(TypeError, match="not parameters of Unet"):
-        create_model("unet", "resnet18", encoder_weights=None, deep_supervision=True)
+        create_model("unet", "resnet18", encoder_weights=None, decoder_cat_channels=8)  # UNet 3+'s, not smp's
 
 
 def test_unet3plus_takes_smp_style_arguments_and_refuses_the_rest():
