@@ -122,7 +122,8 @@ def techniques(variant: str, seed: int, args: argparse.Namespace, folds: Path) -
     from competition.predictor import Ensemble, InferenceOptions, load_specs
 
     cfg = run_config(variant, seed, args, folds)
-    specs, names = load_specs([cfg.output_dir / cfg.name])
+    # one fold by design (fold 1 is the train split, never validated): the run counts as partial
+    specs, names = load_specs([cfg.output_dir / cfg.name], allow_partial=True)
     coco = load_coco(cfg.data.annotations, cfg.data.root)
     class_map = ClassMap.build(coco.categories, names, background=False)
     val = set(pd.read_csv(folds).query("fold == 0")["image_id"])

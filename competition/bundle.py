@@ -114,13 +114,15 @@ def export_bundle(
     postprocess: str | os.PathLike | None = None,
     onnx: bool = False,
     overwrite: bool = False,
+    allow_partial: bool = False,
 ) -> dict[str, Any]:
-    """Write the bundle of ``runs`` (every fold finished) to ``out``; returns the manifest."""
+    """Write the bundle of ``runs`` to ``out``; returns the manifest. Runs whose folds did not all finish are
+    refused unless ``allow_partial`` (the manifest records the problems, as predict's provenance does)."""
     from .postprocess import PostProcess
     from .provenance import complete_runs
     from .runtime import normalize_weights
 
-    infos, _ = complete_runs(runs, allow_partial=False)
+    infos, partial = complete_runs(runs, allow_partial)
     names = [info.name for info in infos]
     if len(set(names)) < len(names):
         raise BundleError(f"runs with the same name cannot share a bundle: {names}")
@@ -153,6 +155,7 @@ def export_bundle(
             "postprocess": "postprocess.json" if postprocess is not None else None,
             "onnx": onnx,
             "onnx_max_difference": checks,
+            "partial": partial,
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

@@ -168,7 +168,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .bundle import bundle_size, export_bundle
 
     manifest = export_bundle(
-        args.runs, args.out, _floats(args.weights), args.postprocess, args.onnx, args.overwrite
+        args.runs,
+        args.out,
+        _floats(args.weights),
+        args.postprocess,
+        args.onnx,
+        args.overwrite,
+        args.allow_partial,
     )
     folds = sum(name.endswith("best.safetensors") for name in manifest["files"])
     size, runs_size = bundle_size(args.out) / 2**20, sum(bundle_size(r) for r in args.runs) / 2**20
