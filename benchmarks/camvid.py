@@ -207,7 +207,7 @@ def pseudo_quality(variant: str, seed: int, args: argparse.Namespace, folds: Pat
             truth = rasterize(
                 coco.annotations[image_id], info.height, info.width, class_map.category_to_class, fill=255
             )
-            mask = cv2.imread(str(out / item["masks"]["pooled"]), cv2.IMREAD_UNCHANGED)
+            mask = cv2.imread(str(out / next(iter(item["masks"].values()))), cv2.IMREAD_UNCHANGED)
             for c in range(len(class_map.names)):
                 hits[0, c] += (truth == c).sum()
                 hits[1, c] += (mask == c).sum()

@@ -53,7 +53,7 @@ def main() -> None:
         )
         fold = fold_dirs(bundle / "runs" / args.run.name)[0]
         model, cfg, _ = load_fold_model(fold)
-        height, width = cfg.augment.hw(cfg.augment.eval_size) or (256, 256)
+        height, width = (-(-s // 32) * 32 for s in cfg.augment.hw(cfg.augment.eval_size) or (256, 256))
         engines = {
             "eager": model,
             "compile": torch.compile(model),

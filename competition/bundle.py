@@ -87,15 +87,18 @@ def export_onnx(fold_dir: Path, target: Path) -> float:
     from .runtime import main_logits
 
     model, cfg, _ = load_fold_model(fold_dir, "cpu")
-    height, width = cfg.augment.hw(cfg.augment.eval_size) or (256, 256)
-    sample = torch.rand(1, cfg.model.in_channels, height, width)
+    stride = int(getattr(getattr(model, "encoder", None), "output_stride", 32))
+    height, width = (
+        -(-side // stride) * stride for side in cfg.augment.hw(cfg.augment.eval_size) or (256, 256)
+    )
+    sample = torch.rand(1, cfg.model.in_channels, height, width)  # the eval size padded to the stride
     axes = {0: "batch", 2: "height", 3: "width"}
     with torch.no_grad():
         torch.onnx.export(
             model, (sample,), str(target), input_names=["images"], output_names=["logits"],
             dynamic_axes={"images": axes, "logits": axes}, opset_version=17, dynamo=False,
         )  # fmt: skip
-        check = torch.rand(2, cfg.model.in_channels, height + 32, width + 64)
+        check = torch.rand(2, cfg.model.in_channels, height + stride, width + 2 * stride)
         eager = main_logits(model(check))
     onnx_out = OnnxModel(target)(check)
     difference = float((onnx_out - eager).abs().max() / eager.abs().max().clamp(min=1.0))
