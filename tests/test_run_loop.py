@@ -82,7 +82,12 @@ def test_an_interrupted_run_says_where_it_stopped_and_resumes(synthetic_data, tm
     config = _config(synthetic_data, tmp_path, epochs=40)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "competition.cli", "train", "--config", str(config), "--fold", "0"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background job (`pytest &`, a CI runner) starts with SIGINT ignored and Python then installs
+    # no KeyboardInterrupt handler: give the child the default disposition a terminal's Ctrl-C meets
+    restore = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=restore
+    )
     metrics = tmp_path / "loop" / "fold0" / "metrics.csv"
     deadline = time.time() + 300  # generous: a loaded machine (three processes on 2 cores) took over 120 s
     while not (metrics.is_file() and len(pd.read_csv(metrics)) >= 1) and time.time() < deadline:
