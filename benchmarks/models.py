@@ -27,7 +27,7 @@ VARIANTS = [
     ("Unet3Plus", "unet3plus", {}),
     ("Unet3Plus DS+CGM", "unet3plus", {"deep_supervision": True, "cgm": True}),
     ("Unet3Plus cat32", "unet3plus", {"decoder_cat_channels": 32}),
-    ("Unet3Plus cat32 DS+CGM", "unet3plus", {"decoder_cat_channels": 32, "deep_supervision": True, "cgm": True}),
+    ("Unet3Plus cat32 DS+CGM", "unet3plus", {"decoder_cat_channels": 32, "deep_supervision": True, "cgm": 1}),
     ("Unet3Plus paper order", "unet3plus", {"decoder_upsample_after_conv": False}),
 ]
 
