@@ -21,13 +21,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import smp_unet3p
 
+DS_CGM = {"deep_supervision": True, "cgm": True}
 VARIANTS = [
     ("Unet", "unet", {}),
     ("UnetPlusPlus", "unetplusplus", {}),
     ("Unet3Plus", "unet3plus", {}),
     ("Unet3Plus DS+CGM", "unet3plus", {"deep_supervision": True, "cgm": True}),
     ("Unet3Plus cat32", "unet3plus", {"decoder_cat_channels": 32}),
-    ("Unet3Plus cat32 DS+CGM", "unet3plus", {"decoder_cat_channels": 32, "deep_supervision": True, "cgm": 1}),
+    ("Unet3Plus cat32 DS+CGM", "unet3plus", {"decoder_cat_channels": 32, **DS_CGM}),
     ("Unet3Plus paper order", "unet3plus", {"decoder_upsample_after_conv": False}),
 ]
 
