@@ -90,7 +90,7 @@ def predict(
         bar = tqdm(total=len(dataset), desc="predict", unit="img", disable=not progress)
         for image_id, file_name, probs in iterate_predictions(ensemble, loader, device):
             probs = probs.half().float()  # the precision of saved probabilities: ensemble of them agrees
-            refined = probs
+            refined, image = probs, None
             if post is not None and post.crf is not None:
                 image = read_image(safe_join(data_root, file_name))
                 refined = torch.from_numpy(post.refine(probs.numpy(), image))
@@ -100,7 +100,7 @@ def predict(
                 writer.put(f"pred__{image_id}", resize_probs(probs, probs_size).half().numpy())
             if len(written) < overlays:
                 target = overlay_dir / f"{Path(file_name).with_suffix('').as_posix().replace('/', '_')}.png"
-                image = read_image(safe_join(data_root, file_name))
+                image = read_image(safe_join(data_root, file_name)) if image is None else image
                 panels = [("prediction", mask_from_probs(probs, None))]
                 shown = save_panels(target, image, panels, names, file_name, background=loaded.background)
                 written.append(shown)

@@ -236,19 +236,20 @@ def load_runs(
     (``competition.bundle``) runs instead of the eager model."""
     from .provenance import common_background, complete_runs
 
+    if engine not in ("torch", "onnxruntime"):
+        raise ValueError(f"engine must be 'torch' or 'onnxruntime', got {engine!r}")
     run_weights = normalize_weights(weights, len(runs))  # checked before any model is loaded
     infos, partial = complete_runs(runs, allow_partial)
     specs, names = [], None
     for info, run_weight in zip(infos, run_weights):
         dirs = info.fold_dirs()
         for d in dirs:
-            model, cfg, meta = ckpt.load_fold_model(d, device)
-            if engine == "onnxruntime":
+            if engine == "onnxruntime":  # the eager model is never built
                 from .bundle import ONNX_FILE, OnnxModel
 
-                model = OnnxModel(d / ONNX_FILE)
-            elif engine != "torch":
-                raise ValueError(f"engine must be 'torch' or 'onnxruntime', got {engine!r}")
+                model, cfg, meta = OnnxModel(d / ONNX_FILE), ckpt.read_run_config(d), ckpt.read_best_meta(d)
+            else:
+                model, cfg, meta = ckpt.load_fold_model(d, device)
             if names is None:
                 names = meta["classes"]
             elif meta["classes"] != names:

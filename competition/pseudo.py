@@ -134,7 +134,8 @@ def make_pseudo(
                     continue
                 top, classes = probs.max(0)
                 packed = np.stack([classes.numpy().astype(np.uint8), (top * 255).round().byte().numpy()])
-                np.add.at(histograms[key], (packed[0].ravel(), packed[1].ravel()), 1)
+                flat = packed[0].ravel().astype(np.int64) * 256 + packed[1].ravel()
+                histograms[key] += np.bincount(flat, minlength=histograms[key].size).reshape(-1, 256)
                 np.save(tmp / f"{_mask_dir(key)}/{n:06d}.npy", packed)
             items.append({"file_name": file_name, "masks": masks})
             bar.update()
