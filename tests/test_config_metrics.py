@@ -1,9 +1,11 @@
+import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from competition.config import ConfigError, apply_overrides, config_from_dict, load_config
 from competition.metrics import ConfusionMatrix, binary_scores
@@ -156,6 +158,32 @@ def test_decoder_lr_scale_applies_to_everything_outside_the_encoder():
     assert decay[id(model.decoder.stages[0].fuse[1].weight)] == 0.0  # a norm weight: no decay
     plain = build_optimizer(config_from_dict(_raw(), ["optimizer.lr=0.01"]), model)
     assert len(plain.param_groups) == 2  # one lr: the two groups last.ckpt files of earlier versions hold
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_adam_uses_the_fused_kernel_and_updates_as_the_reference_implementation_does(name):
+    from competition.optim import build_optimizer
+
+    torch.manual_seed(0)
+    # no bias before the norm: its gradient is rounding noise, which Adam's normalisation amplifies
+    model = torch.nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    reference = copy.deepcopy(model)
+    cfg = config_from_dict(
+        _raw(), [f"optimizer.name={name}", "optimizer.lr=0.01", "optimizer.weight_decay=0.1"]
+    )
+    fused = build_optimizer(cfg, model)
+    assert all(g["fused"] for g in fused.param_groups)
+    plain = build_optimizer(cfg, reference)
+    for group in plain.param_groups:  # the same groups (decay on weights only), torch's default kernel
+        group["fused"] = False
+    for _ in range(3):
+        x = torch.randn(2, 3, 8, 8)
+        for net, optimizer in ((model, fused), (reference, plain)):
+            optimizer.zero_grad()
+            net(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_run_configs_written_before_pinning_keep_the_defaults_of_their_time(tmp_path):
