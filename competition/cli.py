@@ -10,15 +10,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from smp_unet3p.encoders import EncoderWeightsError
-
 from . import commands
-from .checkpoint import CheckpointError
 from .data.coco import BOOSTCAMP_CLASSES, CocoFormatError
-from .io import OutputExistsError
-from .train import NonFiniteLossError
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:
@@ -443,6 +436,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # imported here, not at the top: `competition --help` and parse errors answer without loading torch
+    import torch
+
+    from smp_unet3p.encoders import EncoderWeightsError
+
+    from .checkpoint import CheckpointError
+    from .io import OutputExistsError
+    from .train import NonFiniteLossError
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # `train` says where it stopped and how to continue (commands.cmd_train)

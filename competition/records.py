@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,24 @@ def epoch_line(fold: int, epochs: int, row: dict[str, Any], improved: bool) -> s
         f"val_loss {row['val_loss']:.4f}  mIoU {row['miou']:.4f}  lr {row['lr']:.2e}  {row['seconds']:.1f}s"
         + ("  *best" if improved else "")
     )
+
+
+CURVES_EVERY_S = 30.0  # drawing curves.png costs ~0.5 s: during a fold at most this often, and at its end
+
+
+class Curves:
+    """A fold's ``curves.png``: redrawn when ``every_s`` seconds have passed since the last drawing (or the
+    start), and when forced (the last epoch, the end of the loop); never twice for the same rows."""
+
+    def __init__(self, path: Path, every_s: float | None = None):
+        self.path, self.every_s = path, CURVES_EVERY_S if every_s is None else every_s
+        self.drawn_at, self.drawn_rows = time.monotonic(), 0
+
+    def update(self, metrics: pd.DataFrame, force: bool = False) -> None:
+        if len(metrics) == self.drawn_rows or not (force or time.monotonic() - self.drawn_at >= self.every_s):
+            return
+        write_curves(metrics, self.path)
+        self.drawn_at, self.drawn_rows = time.monotonic(), len(metrics)
 
 
 def write_curves(metrics: pd.DataFrame, path: Path) -> None:

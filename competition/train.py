@@ -1,7 +1,8 @@
 """Train one fold (or all): a plain loop with AMP, gradient accumulation, EMA, resume and DDP.
 
 Run directory ``<output_dir>/<name>/fold<k>/``: ``config.yaml`` (the resolved config; rebuilds the model);
-``metrics.csv`` (per epoch train/val loss, mIoU, per-class IoU, lr, seconds) and ``curves.png``;
+``metrics.csv`` (per epoch train/val loss, mIoU, per-class IoU, lr, seconds) and ``curves.png`` (at most
+every ``records.CURVES_EVERY_S`` seconds, and at the end);
 ``best.safetensors`` + ``best.json`` (best validation mIoU weights; EMA weights when EMA is on);
 ``last.ckpt`` (model, optimizer, scheduler, scaler, EMA, epoch and RNG states for ``--resume``, every
 ``train.checkpoint_every`` epochs and after the last); ``oof.npz`` (out-of-fold predictions, ``oof``).
@@ -52,7 +53,7 @@ from .metrics import ConfusionMatrix
 from .oof import OOF_FILE
 from .optim import build_criterion, build_optimizer, build_scheduler
 from .provenance import config_hash, folds_record, patience_spent
-from .records import best_meta, epoch_line, estimate_line, startup_line, write_curves
+from .records import Curves, best_meta, epoch_line, estimate_line, startup_line
 from .resume import init_weights, restore
 from .runtime import autocast, batch_to_device, build_model, collate, cpu_threads, init_distributed, unwrap
 from .tracking import TRACKING, Trackers
@@ -116,6 +117,7 @@ class FoldRun:
         self.criterion = build_criterion(cfg, len(self.names))
         self.start_epoch, self.best, self.rows = 0, {"miou": -math.inf, "epoch": -1}, []
         self.skips = {"total": 0, "consecutive": 0}
+        self.curves = Curves(self.run_dir / "curves.png")
 
     # ------------------------------------------------------------------------------------------- setup
     def _prepare_dir(self, overwrite: bool) -> None:
@@ -240,7 +242,7 @@ class FoldRun:
             ckpt.write_best(self.run_dir, unwrap(self.eval_model()), meta)
         frame = pd.DataFrame(self.rows)
         atomic_write_csv(self.run_dir / "metrics.csv", frame)
-        write_curves(frame, self.run_dir / "curves.png")
+        self.curves.update(frame, force=epoch + 1 == self.cfg.train.epochs)
         if (epoch + 1) % self.cfg.train.checkpoint_every == 0 or epoch + 1 == self.cfg.train.epochs:
             state = {name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler")}
             state |= {"scaler": self.scaler.state_dict(), "epoch": epoch + 1, "best": self.best}
@@ -278,6 +280,8 @@ class FoldRun:
                     if on_epoch_end is not None:
                         on_epoch_end(epoch, row)
                 self.ddp.barrier()
+            if self.ddp.main and self.rows:  # stopped early, or a resumed run with no epoch left
+                self.curves.update(pd.DataFrame(self.rows), force=True)
             has_best = (self.run_dir / ckpt.BEST_WEIGHTS).is_file()
             if self.ddp.main and self.cfg.train.oof != "none" and has_best and self.stopped != "time_limit":
                 self.write_oof()

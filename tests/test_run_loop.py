@@ -157,6 +157,15 @@ def test_every_option_says_what_it_does_and_its_default(capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
+def test_help_and_parse_errors_answer_without_loading_torch():
+    code = (
+        "import sys; from competition.cli import build_parser; build_parser().format_help(); "
+        "print(sorted(m for m in ('torch', 'timm', 'segmentation_models_pytorch') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"  # `competition --help` in a second, not after ~8 s of imports
+
+
 def test_validate_takes_class_names_as_prepare_does_or_their_number():
     from competition.cli import build_parser
 
@@ -169,11 +178,14 @@ def test_validate_takes_class_names_as_prepare_does_or_their_number():
 
 
 def test_patience_finishes_a_fold_early_and_the_run_counts_as_complete(synthetic_data, tmp_path, monkeypatch):
+    from competition import records
     from competition.config import config_from_dict
     from competition.provenance import read_run
     from competition.train import FoldRun, train
 
-    original, first = FoldRun.validate, {}
+    original, first, drawn = FoldRun.validate, {}, []
+    monkeypatch.setattr(records, "CURVES_EVERY_S", 1e9)
+    monkeypatch.setattr(records, "write_curves", lambda frame, path: drawn.append(len(frame)))
 
     def flat(self):  # the same validation mIoU every epoch: never better after the first
         loss, matrix = original(self)
@@ -183,11 +195,27 @@ def test_patience_finishes_a_fold_early_and_the_run_counts_as_complete(synthetic
     cfg = config_from_dict(tiny_config_dict(synthetic_data, tmp_path, epochs=6, patience=2))
     (result,) = train(cfg, "0")
     assert result.stopped == "patience" and len(result.metrics) == 3  # best at 1, then 2 epochs no better
+    assert drawn == [3]  # curves: not per epoch (the interval is not reached) but once the fold stops
     assert (result.run_dir / "oof.npz").is_file()
     fold = read_run(result.run_dir.parent).folds[0]
     assert fold.stopped_early and fold.finished and fold.epochs_done == 3
     (again,) = train(cfg, "0", resume=True)  # nothing left to train
     assert again.stopped == "patience" and len(pd.read_csv(result.run_dir / "metrics.csv")) == 3
+
+
+def test_curves_are_drawn_at_most_every_interval_and_always_after_the_last_epoch(tmp_path, monkeypatch):
+    from competition import records
+
+    drawn, clock = [], [0.0]
+    monkeypatch.setattr(records, "write_curves", lambda frame, path: drawn.append(len(frame)))
+    monkeypatch.setattr(records.time, "monotonic", lambda: clock[0])
+    curves = records.Curves(tmp_path / "curves.png", every_s=30)
+    for epoch, seconds in enumerate([10, 10, 15, 40, 5, 5], start=1):
+        clock[0] += seconds
+        curves.update(pd.DataFrame({"epoch": range(1, epoch + 1)}), force=epoch == 6)
+    assert drawn == [3, 4, 6]  # 35 s after the start, 40 s after that, and the last epoch
+    curves.update(pd.DataFrame({"epoch": range(1, 7)}), force=True)
+    assert drawn == [3, 4, 6]  # the same rows are never drawn twice
 
 
 def test_time_limit_stops_before_an_epoch_that_would_not_fit_and_the_run_resumes(
