@@ -55,6 +55,7 @@ VARIANTS: dict[str, list[str]] = {
     "u3p_plain": ["model.params={decoder_cat_channels: 32}"],  # no DS, no CGM
     "unet": ["model.arch=unet", *SMP],
     "unetplusplus": ["model.arch=unetplusplus", *SMP],
+    "unetplusplus_ds": ["model.arch=unetplusplus", "model.params={deep_supervision: true}"],
     "upernet": ["model.arch=upernet", *SMP],
     "u3p_noscale": ["augment.scale=[1, 1]"],  # training at the eval scale, no random scale
 }
