@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes", type=_class_count, default=len(BOOSTCAMP_CLASSES), metavar="NAMES|N",
         help="the class names, comma-separated as for prepare --classes (or just their number)",
     )  # fmt: skip
+    p.add_argument(
+        "--no-background", action="store_true",
+        help="the runs had no background class (data.background: none): rle rows of class 0 are valid",
+    )  # fmt: skip
     _add_submission_args(p)
     p.set_defaults(func=commands.cmd_validate)
 

@@ -273,8 +273,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .submission import validate_submission
 
     ids, shapes = _test_images(args.test)
+    background = None if args.no_background else 0
     problems = validate_submission(
-        args.submission, ids, args.classes, args.format, args.size or None, shapes=shapes
+        args.submission,
+        ids,
+        args.classes,
+        args.format,
+        args.size or None,
+        shapes=shapes,
+        background=background,
     )
     if problems:
         print(f"{args.submission}: INVALID, {len(problems)} problem(s) (first shown):", file=sys.stderr)

@@ -241,6 +241,15 @@ class ProbFiles:
                 )
             yield key, probs
 
+    def background(self) -> int | None:
+        """The background class id of the runs the files were made from (``None``: none; files written
+        before it was recorded: 0); files that differ are refused, as for runs."""
+        values = {r.get("background", 0) for b in self.blocks for r in (b or {}).get("runs", [])}
+        if len(values) > 1:
+            files = ", ".join(str(p) for p in self.paths)
+            raise provenance.ProvenanceError(f"{files}: made from runs that differ in data.background")
+        return values.pop() if values else 0
+
     def partial(self) -> list[str]:
         """The incomplete-run problems the files were made with (``predict --allow-partial``)."""
         return [f"{p}: {x}" for p, b in zip(self.paths, self.blocks) for x in (b or {}).get("partial", [])]
@@ -368,6 +377,9 @@ def ensemble_probs(
     if weights_file is not None:
         weights = load_weights(weights_file, files)
     post = PostProcess.load(postprocess, files.class_names) if postprocess else None
+    background = files.background()
+    if post is not None and post.changes_masks and background != 0:
+        raise ValueError(f"{postprocess}: its mask operations need a background class; these runs have none")
     if post is not None and post.crf is not None:
         raise ValueError(
             f"{postprocess} sets a dense CRF, which needs the images: apply it with predict --postprocess"
@@ -375,10 +387,12 @@ def ensemble_probs(
     rows = []
     for (_, probs), info in zip(files.iterate(keys), coco.images.values()):
         mask = vote_mask(probs, weights, vote, size or (info.height, info.width))
-        rows += submission_rows(info.file_name, post(mask) if post else mask, fmt, size)
+        rows += submission_rows(info.file_name, post(mask) if post else mask, fmt, size, background)
     expected = [info.file_name for info in coco.images.values()]
     shapes = {info.file_name: (info.height, info.width) for info in coco.images.values()}
-    path = write_submission(rows, out, expected, len(files.class_names), fmt, size, overwrite, shapes)
+    path = write_submission(
+        rows, out, expected, len(files.class_names), fmt, size, overwrite, shapes, background
+    )
     block = {
         "kind": "submission",
         "made_from": [{"file": str(p), "provenance": b} for p, b in zip(files.paths, files.blocks)],

@@ -95,7 +95,7 @@ def predict(
                 image = read_image(safe_join(data_root, file_name))
                 refined = torch.from_numpy(post.refine(probs.numpy(), image))
             mask = mask_from_probs(refined, size)
-            rows += submission_rows(file_name, post(mask) if post else mask, fmt, size)
+            rows += submission_rows(file_name, post(mask) if post else mask, fmt, size, loaded.background)
             if writer is not None:
                 writer.put(f"pred__{image_id}", resize_probs(probs, probs_size).half().numpy())
             if len(written) < overlays:
@@ -113,7 +113,7 @@ def predict(
             writer.put(provenance.KEY, provenance.to_npz(block))
     expected = [info.file_name for info in coco.images.values()]
     shapes = {info.file_name: (info.height, info.width) for info in coco.images.values()}
-    path = write_submission(rows, out, expected, len(names), fmt, size, overwrite, shapes)
+    path = write_submission(rows, out, expected, len(names), fmt, size, overwrite, shapes, loaded.background)
     block = {"format": fmt, "size": size, **settings}
     block["postprocess"] = str(postprocess) if postprocess else None
     provenance.write_sidecar(path, provenance.record("submission", loaded.infos, names, **block))

@@ -125,7 +125,7 @@ class RunInfo:
             "folds_hash": self.folds_hash,
             "folds": self.expected,
             "epochs": {str(k): [f.epochs_done, f.epochs] for k, f in sorted(self.folds.items())},
-        }
+        } | ({"background": None} if self.background is None else {})  # only when set: old records stay
 
 
 def patience_spent(miou: Sequence[float], patience: int | None) -> bool:

@@ -175,10 +175,10 @@ def worst_images(
 
 
 def distribution_figure(
-    submission: Path, train: np.ndarray, names: list[str], fmt: str, size: int | None
+    submission: Path, train: np.ndarray, names: list[str], fmt: str, size: int | None, background: int | None
 ) -> str:
     plt = _pyplot()
-    test = class_pixel_counts(submission, len(names), fmt, size)
+    test = class_pixel_counts(submission, len(names), fmt, size, background)
     fig, ax = plt.subplots(figsize=(12, 3.5))
     x = np.arange(len(names))
     ax.bar(x - 0.2, train / max(train.sum(), 1), 0.4, label="training labels (OOF targets)")
@@ -207,7 +207,8 @@ def build_report(
     runs = [Path(r) for r in runs]
     title = "Run report: " + ", ".join(r.name for r in runs)
     # one pass over the OOF files: the OOF table, the confusion matrices and the audit ranking
-    files, root = data_files(read_run_config(fold_dirs(runs[0])[0]))  # the data the runs trained on
+    cfg = read_run_config(fold_dirs(runs[0])[0])
+    files, root = data_files(cfg)  # the data the runs trained on
     scores = score_oof(runs, weights, allow_partial, files)
     parts = [
         f"<h1>{html.escape(title)}</h1>",
@@ -241,7 +242,9 @@ def build_report(
         train_pixels = matrices[combined].sum(1)
         parts += [
             "<h2>Submission class distribution</h2>",
-            distribution_figure(Path(submission), train_pixels, names, fmt, size),
+            distribution_figure(
+                Path(submission), train_pixels, names, fmt, size, cfg.data.background_index()
+            ),
         ]
     page = (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'

@@ -3,8 +3,9 @@
 - ``boostcamp`` (default): columns ``image_id,PredictionString``; ``image_id`` is the test image's
   ``file_name``, ``PredictionString`` the class ids of the mask resized (nearest) to ``size x size``,
   flattened row-major and space-separated; rows in the order of the test json.
-- ``rle``: columns ``image_id,class_id,EncodedPixels``, one row per (image, foreground class present):
-  Kaggle run-length pairs ``start length`` with 1-based starts over the row-major flattened mask.
+- ``rle``: columns ``image_id,class_id,EncodedPixels``, one row per (image, class present) except the
+  background class (class 0; with ``data.background: none`` every class is written, 0 included): Kaggle
+  run-length pairs ``start length`` with 1-based starts over the row-major flattened mask.
 
 Masks come from probabilities by one route (``mask_from_probs``): probabilities are resized to the submission
 size, rounded to float16 (the precision of saved probabilities) and then reduced by argmax. ``predict`` and
@@ -98,12 +99,14 @@ def rle_decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
     return flat.reshape(shape)
 
 
-def submission_rows(file_name: str, mask: np.ndarray, fmt: str = "boostcamp", size: Size = 256) -> list[list]:
-    """The CSV rows of one image's class-index mask."""
+def submission_rows(
+    file_name: str, mask: np.ndarray, fmt: str = "boostcamp", size: Size = 256, background: int | None = 0
+) -> list[list]:
+    """The CSV rows of one image's class-index mask (``rle``: no row for ``background``)."""
     mask = resize_mask(mask, size)
     if fmt == "boostcamp":
         return [[file_name, " ".join(map(str, mask.reshape(-1).tolist()))]]
-    return [[file_name, int(c), rle_encode(mask == c)] for c in np.unique(mask) if c != 0]
+    return [[file_name, int(c), rle_encode(mask == c)] for c in np.unique(mask) if c != background]
 
 
 def write_submission(
@@ -115,6 +118,7 @@ def write_submission(
     size: int | None = 256,
     overwrite: bool = False,
     shapes: Mapping[str, tuple[int, int]] | None = None,
+    background: int | None = 0,
 ) -> Path:
     """Write rows atomically after validating them; an invalid result raises and leaves nothing behind.
     ``size=None`` (native): ``shapes`` gives each image's ``(height, width)``."""
@@ -122,7 +126,9 @@ def write_submission(
 
     def write(tmp: Path) -> None:
         frame.to_csv(tmp, index=False)
-        problems = validate_submission(tmp, expected_ids, classes, fmt, size, shapes=shapes)
+        problems = validate_submission(
+            tmp, expected_ids, classes, fmt, size, shapes=shapes, background=background
+        )
         if problems:
             raise SubmissionError(f"refusing to write {path}: " + "; ".join(problems[:5]))
 
@@ -137,11 +143,13 @@ def validate_submission(
     size: int | None = 256,
     max_problems: int = 20,
     shapes: Mapping[str, tuple[int, int]] | None = None,
+    background: int | None = 0,
 ) -> list[str]:
     """Every problem found (empty list = valid): columns, row count and order, ids, values, blanks.
 
     ``size``: the side of every mask; ``None``: native size, each image's ``(height, width)`` from ``shapes``
-    (file name -> shape, from the test json)."""
+    (file name -> shape, from the test json). ``background``: the class ``rle`` rows never name (``None``:
+    every class may have rows)."""
     path = Path(path)
     if fmt not in FORMATS:
         raise ValueError(f"unknown submission format {fmt!r}; choose from {FORMATS}")
@@ -180,8 +188,10 @@ def validate_submission(
         for row, (image_id, cls, text) in enumerate(
             zip(ids, frame["class_id"], frame["EncodedPixels"]), start=2
         ):
-            if not cls.isdigit() or not 0 < int(cls) < classes:
-                problems.append(f"line {row} ({image_id}): class_id {cls!r} not in [1, {classes})")
+            if not cls.isdigit() or not 0 <= int(cls) < classes:
+                problems.append(f"line {row} ({image_id}): class_id {cls!r} not in [0, {classes})")
+            elif int(cls) == background:
+                problems.append(f"line {row} ({image_id}): class_id {cls} is the background (never written)")
             try:
                 hw = shape(image_id)
                 if hw is not None:  # an unknown id is reported above
@@ -197,9 +207,14 @@ def validate_submission(
 
 
 def class_pixel_counts(
-    path: str | os.PathLike, classes: int, fmt: str = "boostcamp", size: int | None = 256
+    path: str | os.PathLike,
+    classes: int,
+    fmt: str = "boostcamp",
+    size: int | None = 256,
+    background: int | None = 0,
 ) -> np.ndarray:
-    """Pixels of each class over every mask of a (valid) submission CSV."""
+    """Pixels of each class over every mask of a (valid) submission CSV (``rle``: the background's are the
+    pixels no row covers)."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     counts = np.zeros(classes, np.int64)
     if fmt == "boostcamp":
@@ -210,7 +225,8 @@ def class_pixel_counts(
         raise ValueError("class pixel counts of an RLE submission need its mask size")
     for cls, text in zip(frame["class_id"], frame["EncodedPixels"]):
         counts[int(cls)] += int(rle_decode(text, (size, size)).sum())
-    counts[0] = frame["image_id"].nunique() * size * size - counts[1:].sum()
+    if background is not None:
+        counts[background] = frame["image_id"].nunique() * size * size - counts.sum()
     return counts
 
 

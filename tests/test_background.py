@@ -129,3 +129,43 @@ def test_runs_with_and_without_background_are_not_joined_and_tuning_needs_one(tm
         OofRuns([first, second])
     with pytest.raises(ValueError, match="no background class"):
         Tuner(OofRuns([second]))
+
+
+def test_rle_submissions_without_a_background_keep_class_0(tmp_path):
+    from competition.submission import class_pixel_counts, rle_decode, submission_rows, write_submission
+
+    mask = np.array([[0, 0, 2], [1, 0, 2]], np.uint8)
+    plain = submission_rows("a.jpg", mask, "rle", size=None)
+    assert [r[1] for r in plain] == [1, 2]  # class 0 is the background: no row
+    rows = submission_rows("a.jpg", mask, "rle", size=None, background=None)
+    assert [r[1] for r in rows] == [0, 1, 2]  # a real class: its row, or its pixels would be lost
+    assert np.array_equal(rle_decode(rows[0][2], (2, 3)), (mask == 0).astype(np.uint8))
+    shapes = {"a.jpg": (2, 3)}
+    with pytest.raises(ValueError, match="class_id 0 is the background"):
+        write_submission(rows, tmp_path / "bad.csv", ["a.jpg"], 3, "rle", None, shapes=shapes)
+    assert not (tmp_path / "bad.csv").exists()
+    path = write_submission(
+        rows, tmp_path / "s.csv", ["a.jpg"], 3, "rle", None, shapes=shapes, background=None
+    )
+    square = submission_rows("a.jpg", np.array([[0, 2], [1, 0]], np.uint8), "rle", size=2, background=None)
+    write_submission(square, tmp_path / "q.csv", ["a.jpg"], 3, "rle", 2, background=None)
+    assert class_pixel_counts(tmp_path / "q.csv", 3, "rle", 2, background=None).tolist() == [2, 1, 1]
+    assert path.is_file()
+
+
+def test_probability_files_of_runs_with_and_without_background_are_not_voted_together(tmp_path):
+    from competition.ensemble import ProbFiles
+
+    def block(background):
+        run = {"name": "r", "config_hash": "x"} | ({"background": None} if background is None else {})
+        return {"kind": "probs", "runs": [run]}
+
+    def files(*backgrounds):
+        return ProbFiles(
+            [tmp_path / f"{i}.npz" for i in range(len(backgrounds))], [], ["a"], list(backgrounds)
+        )
+
+    assert files(block(None), block(None)).background() is None
+    assert files(block(0), None).background() == 0  # a file written before provenance: the old default
+    with pytest.raises(ProvenanceError, match="differ in data.background"):
+        files(block(0), block(None)).background()

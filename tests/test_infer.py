@@ -168,7 +168,8 @@ def test_validator_rejects_each_broken_kind(tmp_path, text, problem):
     "text, problem",
     [
         ("image_id,class_id,EncodedPixels\nz.jpg,1,1 2\n", "not in the test set"),
-        ("image_id,class_id,EncodedPixels\na.jpg,0,1 2\n", "class_id '0'"),
+        ("image_id,class_id,EncodedPixels\na.jpg,0,1 2\n", "class_id 0 is the background"),
+        ("image_id,class_id,EncodedPixels\na.jpg,11,1 2\n", "class_id '11' not in [0, 11)"),
         ("image_id,class_id,EncodedPixels\na.jpg,1,1 2 3\n", "odd"),
         ("image_id,class_id,EncodedPixels\na.jpg,1,3 9\n", "outside"),
         ("image_id,class_id,EncodedPixels\na.jpg,1,1 1\na.jpg,1,3 1\n", "duplicate"),
