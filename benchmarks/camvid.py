@@ -26,9 +26,13 @@ technique; the summary gives each technique's paired difference to plain, mean Â
 (``class_share=0.5``); per class, the share of its true pixels labelled right (coverage) and of its labelled
 pixels that are right (precision), against the real labels (``OUT/pseudo_quality.csv``).
 
+``--ensemble``: per seed, the val mIoU at native size of each variant's run and of their equal-weight soft
+vote, plain and with hflip + scales TTA (``OUT/ensemble.csv``).
+
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p,unetplusplus --seeds 0,1,2 --epochs 16
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 0 --epochs 16 --techniques --tune-crf
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 0 --epochs 16 --pseudo-quality
+python benchmarks/camvid.py --out /tmp/camvid --variants u3p,unetplusplus,unetplusplus_ds --seeds 0 --ensemble
 """
 
 from __future__ import annotations
@@ -117,17 +121,12 @@ def one_run(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> d
 def techniques(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
     """The val mIoU at native size of a finished run under each inference technique."""
     from competition.crf import CRF_CANDIDATES, CrfSettings, dense_crf
-    from competition.data.coco import ClassMap, load_coco, rasterize
-    from competition.data.images import read_image
     from competition.metrics import confusion, iou_of, miou_of
     from competition.predictor import Ensemble, InferenceOptions, load_specs
 
     cfg = run_config(variant, seed, args, folds)
     # one fold by design (fold 1 is the train split, never validated): the run counts as partial
     specs, names = load_specs([cfg.output_dir / cfg.name], allow_partial=True)
-    coco = load_coco(cfg.data.annotations, cfg.data.root)
-    class_map = ClassMap.build(coco.categories, names, background=False)
-    val = set(pd.read_csv(folds).query("fold == 0")["image_id"])
     options = {
         "plain": InferenceOptions(),
         "tta_hflip": InferenceOptions(views=["identity", "hflip"]),
@@ -141,15 +140,10 @@ def techniques(variant: str, seed: int, args: argparse.Namespace, folds: Path) -
     seconds = dict.fromkeys(counts, 0.0)
     # CRF tuned without the images it scores: val frames in order, first half / second half; each half is
     # scored with the setting (or none) that scored best on the other half
-    order = sorted(val, key=lambda i: coco.images[i].file_name)
-    half = {i: int(n >= len(order) // 2) for n, i in enumerate(order)}
     tuned = np.zeros((2, 1 + len(CRF_CANDIDATES), len(names), len(names)), np.int64)
-    for image_id in order:
-        info = coco.images[image_id]
-        image = read_image(cfg.data.root / info.file_name)
-        target = rasterize(
-            coco.annotations[image_id], info.height, info.width, class_map.category_to_class, fill=255
-        )
+    frames = list(val_frames(cfg, folds, names))
+    for n, (image, target) in enumerate(frames):
+        half = int(n >= len(frames) // 2)
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
         for name, ensemble in ensembles.items():
             started = time.perf_counter()
@@ -162,10 +156,10 @@ def techniques(variant: str, seed: int, args: argparse.Namespace, folds: Path) -
                 seconds[f"{name}+crf"] += time.perf_counter() - started
                 counts[f"{name}+crf"] += confusion(refined.argmax(0), target, len(names), 255)
             if name == "plain" and args.tune_crf:
-                tuned[half[image_id], 0] += confusion(probs.argmax(0), target, len(names), 255)
+                tuned[half, 0] += confusion(probs.argmax(0), target, len(names), 255)
                 for k, setting in enumerate(CRF_CANDIDATES, start=1):
                     refined = dense_crf(image, probs, setting)
-                    tuned[half[image_id], k] += confusion(refined.argmax(0), target, len(names), 255)
+                    tuned[half, k] += confusion(refined.argmax(0), target, len(names), 255)
     if args.tune_crf:
         chosen = [int(np.argmax([miou_of(m) for m in tuned[1 - h]])) for h in (0, 1)]
         counts["plain+crf_tuned_halves"] = tuned[0, chosen[0]] + tuned[1, chosen[1]]
@@ -174,8 +168,52 @@ def techniques(variant: str, seed: int, args: argparse.Namespace, folds: Path) -
     rows = []
     for name, matrix in counts.items():
         row = {"variant": variant, "seed": seed, "technique": name, "miou": miou_of(matrix)}
-        row |= dict(zip(names, iou_of(matrix).tolist())) | {"s_per_image": seconds[name] / len(val)}
+        row |= dict(zip(names, iou_of(matrix).tolist())) | {"s_per_image": seconds[name] / len(frames)}
         rows.append(row)
+    return rows
+
+
+def val_frames(cfg, folds: Path, names: list[str]):
+    """``(RGB image, target)`` of each val frame in file-name order, the target rasterised at the
+    native size with void 255."""
+    from competition.data.coco import ClassMap, load_coco, rasterize
+    from competition.data.images import read_image
+
+    coco = load_coco(cfg.data.annotations, cfg.data.root)
+    class_map = ClassMap.build(coco.categories, names, background=False)
+    val = set(pd.read_csv(folds).query("fold == 0")["image_id"])
+    for image_id in sorted(val, key=lambda i: coco.images[i].file_name):
+        info = coco.images[image_id]
+        target = rasterize(
+            coco.annotations[image_id], info.height, info.width, class_map.category_to_class, fill=255
+        )
+        yield read_image(cfg.data.root / info.file_name), target
+
+
+def ensemble_scores(variants: list[str], seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
+    """Val mIoU at native size of each member run and of their equal-weight soft vote (the mean of the
+    members' probabilities), plain and with flip + scale TTA: the same images, so differences are paired."""
+    from competition.metrics import confusion, iou_of, miou_of
+    from competition.predictor import Ensemble, InferenceOptions, load_specs
+
+    cfgs = [run_config(v, seed, args, folds) for v in variants]
+    specs, names = load_specs([c.output_dir / c.name for c in cfgs], allow_partial=True)
+    tta = {
+        "plain": InferenceOptions(),
+        "tta_hflip_scales": InferenceOptions(["identity", "hflip"], [0.75, 1, 1.25]),
+    }
+    vote = "+".join(variants)
+    counts = {(m, t): np.zeros((len(names), len(names)), np.int64) for m in [*variants, vote] for t in tta}
+    for image, target in val_frames(cfgs[0], folds, names):
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        for t, opts in tta.items():
+            probs = [Ensemble([spec], opts)(x)[0].numpy() for spec in specs]
+            for model, p in [*zip(variants, probs), (vote, np.mean(probs, axis=0))]:
+                counts[model, t] += confusion(p.argmax(0), target, len(names), 255)
+    rows = []
+    for (model, tta_name), matrix in counts.items():
+        row = {"variant": ",".join(variants), "seed": seed, "model": model, "tta": tta_name}
+        rows.append(row | {"miou": miou_of(matrix)} | dict(zip(names, iou_of(matrix).tolist())))
     return rows
 
 
@@ -295,6 +333,10 @@ def main() -> None:
     parser.add_argument(
         "--tune-crf", action="store_true", help="with --techniques: CRF chosen per val half on the other half"
     )
+    parser.add_argument(
+        "--ensemble", action="store_true",
+        help="also score the soft vote of the variants' runs of each seed, beside each member (ensemble.csv)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     folds = write_folds(args.data, args.out)
@@ -312,6 +354,10 @@ def main() -> None:
                 quality = pseudo_quality(variant, seed, args, folds)
                 save_rows(args.out / "pseudo_quality.csv", quality, variant, seed)
                 print(pd.DataFrame(quality).T.to_string())
+        if args.ensemble:
+            rows = ensemble_scores(args.variants.split(","), seed, args, folds)
+            save_rows(args.out / "ensemble.csv", rows, args.variants, seed)
+            print(pd.DataFrame(rows)[["model", "tta", "miou"]].to_string(index=False), flush=True)
     table = pd.read_csv(results)
     print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} torch {torch.__version__}, {args.epochs} epochs")
     print(summary(table, args.reference).to_string(index=False))
