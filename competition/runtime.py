@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,19 +71,42 @@ _FREE_CORES: list[int] = []  # decided once per process: later folds would count
 
 def cpu_threads(requested: int | None, workers: int) -> int:
     """torch's CPU threads for a run: ``requested``; else ``OMP_NUM_THREADS`` when set (torchrun sets 1);
-    else the cores this process may use, less one per DataLoader worker and less the load other processes
-    put on them, judged once per process (the 1-minute load average, less this process's own share):
-    oversubscribed OpenMP threads on a shared machine can be several times slower (6x seen on 2 busy
-    cores)."""
+    else the cores this process may use, less one per DataLoader worker and less the cores other processes
+    keep busy (``busy_cores``), judged once per process: oversubscribed OpenMP threads on a shared machine
+    can be several times slower (6x seen on 2 busy cores)."""
     if requested:
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     if not _FREE_CORES:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        others = max(0.0, (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0) - 1.0)
-        _FREE_CORES.append(max(1, min(cores, int(cores - others + 0.5))))
+        _FREE_CORES.append(max(1, min(cores, int(cores - busy_cores() + 0.5))))
     return max(1, _FREE_CORES[0] - workers)
+
+
+def busy_cores(interval: float = 0.25) -> float:
+    """How many cores other processes keep busy now: the machine's busy share of ``/proc/stat`` over
+    ``interval`` seconds while this process sleeps (Linux); elsewhere the 1-minute load average less this
+    process. (The load average trails by a minute or more: just after another job ends it still counts it,
+    and a run started then would take half the threads it could.)"""
+    try:
+        first = cpu_ticks()
+        time.sleep(interval)
+        second = cpu_ticks()
+    except (OSError, ValueError):
+        return max(0.0, (os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0) - 1.0)
+    busy, total = second[1] - first[1], second[2] - first[2]
+    return first[0] * busy / total if total > 0 else 0.0
+
+
+def cpu_ticks(path: str = "/proc/stat") -> tuple[int, int, int]:
+    """``(cpus, busy ticks, total ticks)`` of the machine since boot, from ``/proc/stat``'s first line (user
+    nice system idle iowait irq softirq steal; idle and iowait are not busy)."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    ticks = [int(v) for v in lines[0].split()[1:9]]
+    cpus = sum(1 for line in lines[1:] if line.startswith("cpu") and line[3:4].isdigit())
+    return cpus, sum(ticks) - ticks[3] - ticks[4], sum(ticks)
 
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:

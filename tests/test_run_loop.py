@@ -107,24 +107,45 @@ def test_an_interrupted_run_says_where_it_stopped_and_resumes(synthetic_data, tm
 def test_cpu_threads_default_leaves_room_for_workers_and_other_processes(monkeypatch):
     from competition import runtime
 
-    def threads(load: float, workers: int, requested: int | None = None) -> int:
-        monkeypatch.setattr(runtime.os, "getloadavg", lambda: (load, 0.0, 0.0))
+    def threads(busy: float, workers: int, requested: int | None = None) -> int:
+        monkeypatch.setattr(runtime, "busy_cores", lambda: busy)
         runtime._FREE_CORES.clear()  # decided once per process: judge again
         return runtime.cpu_threads(requested, workers)
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: set(range(8)))
-    assert threads(1.2, 0) == 8 and threads(1.2, 2) == 6  # the load of this process itself is no reason
-    assert threads(6.0, 0) == 3  # others keep 5 cores busy
-    assert threads(13.0, 2) == 1 and threads(13.0, 2, requested=4) == 4  # asked for: as asked
+    assert threads(0.2, 0) == 8 and threads(0.2, 2) == 6  # a core's fraction is no reason
+    assert threads(5.0, 0) == 3  # others keep 5 cores busy
+    assert threads(12.0, 2) == 1 and threads(12.0, 2, requested=4) == 4  # asked for: as asked
     runtime._FREE_CORES.clear()
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 0.0)
     first = runtime.cpu_threads(None, 0)
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (9.0, 0.0, 0.0))  # this run's own load, later
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 8.0)  # this run's own load, later
     assert runtime.cpu_threads(None, 0) == first == 8  # later folds keep the first judgement
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert runtime.cpu_threads(None, 0) == runtime.torch.get_num_threads()
     runtime._FREE_CORES.clear()
+
+
+def test_busy_cores_are_what_other_processes_use_now_not_the_trailing_load_average(tmp_path, monkeypatch):
+    from competition import runtime
+
+    stat = tmp_path / "stat"
+    per_cpu = "cpu0 1 0 0 1 0 0 0 0 0 0\ncpu1 1 0 0 1 0 0 0 0 0 0\n"  # two cpus; the first line sums them
+    stat.write_text(f"cpu  1000 20 30 5000 40 5 5 0 0 0\n{per_cpu}")
+    assert runtime.cpu_ticks(str(stat)) == (2, 1060, 6100)  # busy: user nice system irq softirq steal
+    read = runtime.cpu_ticks
+
+    def later(seconds: float) -> None:  # 150 busy ticks of 200 while this process slept: 1.5 cores of 2
+        stat.write_text(f"cpu  1100 20 80 5040 50 5 5 0 0 0\n{per_cpu}")
+
+    monkeypatch.setattr(runtime, "cpu_ticks", lambda: read(str(stat)))
+    monkeypatch.setattr(runtime.time, "sleep", later)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # trailing: not used on Linux
+    stat.write_text(f"cpu  1000 20 30 5000 40 5 5 0 0 0\n{per_cpu}")
+    assert runtime.busy_cores() == pytest.approx(1.5)
+    monkeypatch.setattr(runtime, "cpu_ticks", lambda: read(str(tmp_path / "missing")))
+    assert runtime.busy_cores() == 8.0  # no /proc/stat: the load average less this process
 
 
 def test_a_fold_prints_where_it_trains_and_an_estimate_after_its_first_epoch(
