@@ -327,7 +327,7 @@ class FoldRun:
             self.best = {"miou": row["miou"], "epoch": epoch + 1}
         return row, improved
 
-    def write_oof(self) -> float:
+    def write_oof(self) -> float | None:
         """Predict the validation fold with the best weights into ``oof.npz``; returns its mIoU."""
         return write_oof(self)
 

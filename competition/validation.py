@@ -56,9 +56,11 @@ def evaluate(
     return float(loss_sum[0] / loss_sum[1].clamp(min=1)), matrix
 
 
-def write_oof(run: Any) -> float:
+def write_oof(run: Any) -> float | None:
     """A ``train.FoldRun``'s validation fold predicted by its best weights into ``oof.npz`` (``oof``);
-    returns their mIoU."""
+    returns their mIoU. A finished fold resumed with nothing left to train keeps its file (``None``)."""
+    if len(run.rows) == run.start_epoch and (run.run_dir / OOF_FILE).is_file():
+        return None
     cfg = run.cfg
     model, _, _ = ckpt.load_fold_model(run.run_dir, run.device)
     if cfg.train.channels_last:

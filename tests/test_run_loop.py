@@ -46,7 +46,9 @@ def test_resume_by_run_folder_needs_no_config_and_extends_the_run(synthetic_data
     )  # not the 1-epoch plan's end
     del fold
     capsys.readouterr()
+    written = (run / "fold0" / "oof.npz").stat().st_mtime_ns
     assert main(["train", "--resume", str(run), "--fold", "0", "train.epochs=3"]) == 0  # no --config
+    assert (run / "fold0" / "oof.npz").stat().st_mtime_ns != written  # trained further: predicted again
     assert "fold 0: resuming after epoch 1" in capsys.readouterr().out
     rows = pd.read_csv(run / "fold0" / "metrics.csv")
     assert list(rows["epoch"]) == [1, 2, 3]
@@ -220,8 +222,10 @@ def test_patience_finishes_a_fold_early_and_the_run_counts_as_complete(synthetic
     assert (result.run_dir / "oof.npz").is_file()
     fold = read_run(result.run_dir.parent).folds[0]
     assert fold.stopped_early and fold.finished and fold.epochs_done == 3
+    written = (result.run_dir / "oof.npz").stat().st_mtime_ns
     (again,) = train(cfg, "0", resume=True)  # nothing left to train
     assert again.stopped == "patience" and len(pd.read_csv(result.run_dir / "metrics.csv")) == 3
+    assert (result.run_dir / "oof.npz").stat().st_mtime_ns == written  # nor to predict again: the OOF is kept
 
 
 def test_curves_are_drawn_at_most_every_interval_and_always_after_the_last_epoch(tmp_path, monkeypatch):
