@@ -122,7 +122,7 @@ def export_bundle(
     """Write the bundle of ``runs`` to ``out``; returns the manifest. Runs whose folds did not all finish are
     refused unless ``allow_partial`` (the manifest records the problems, as predict's provenance does)."""
     from .postprocess import PostProcess
-    from .provenance import complete_runs
+    from .provenance import common_background, complete_runs
     from .runtime import normalize_weights
 
     infos, partial = complete_runs(runs, allow_partial)
@@ -134,7 +134,7 @@ def export_bundle(
     if any(info.class_names != classes for info in infos):  # as predict checks
         raise BundleError(f"runs predict different classes: {[(i.name, i.class_names) for i in infos]}")
     if postprocess is not None:
-        PostProcess.load(postprocess, classes)
+        PostProcess.load(postprocess, classes, common_background(infos))  # as predict will read it
     with atomic_dir(out, overwrite) as tmp:
         entries, checks = [], {}
         for info, weight in zip(infos, run_weights):

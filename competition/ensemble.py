@@ -376,10 +376,8 @@ def ensemble_probs(
     partial = provenance.accept_partial(files.partial(), allow_partial, what, "Make them from finished runs")
     if weights_file is not None:
         weights = load_weights(weights_file, files)
-    post = PostProcess.load(postprocess, files.class_names) if postprocess else None
     background = files.background()
-    if post is not None and post.changes_masks and background != 0:
-        raise ValueError(f"{postprocess}: its mask operations need a background class; these runs have none")
+    post = PostProcess.load(postprocess, files.class_names, background) if postprocess else None
     if post is not None and post.crf is not None:
         raise ValueError(
             f"{postprocess} sets a dense CRF, which needs the images: apply it with predict --postprocess"

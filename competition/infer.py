@@ -64,9 +64,7 @@ def predict(
     coco = folder_index(test_json) if Path(test_json).is_dir() else load_coco(test_json, data_root)
     loaded = load_runs(runs, weights, device, allow_partial, engine)
     specs, names = loaded.specs, loaded.names
-    post = PostProcess.load(postprocess, names) if postprocess else None
-    if post is not None and post.changes_masks and loaded.background != 0:
-        raise ValueError(f"{postprocess}: its mask operations need a background class; these runs have none")
+    post = PostProcess.load(postprocess, names, loaded.background) if postprocess else None
     settings = {
         "weights": normalize_weights(weights, len(runs)).tolist(),
         "tta": opts.views,

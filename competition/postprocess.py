@@ -127,8 +127,11 @@ class PostProcess:
         return atomic_write_text(path, json.dumps(asdict(self), indent=2), overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, class_names: Sequence[str]) -> PostProcess:
-        """Read ``postprocess.json``; it must have been tuned for exactly ``class_names``."""
+    def load(
+        cls, path: str | os.PathLike, class_names: Sequence[str], background: int | None = 0
+    ) -> PostProcess:
+        """Read ``postprocess.json``; it must have been tuned for exactly ``class_names``, and its mask
+        operations (which make pixels background) need predictions with a ``background`` class."""
         try:
             raw = json.loads(Path(path).read_text())
             pp = cls(**raw)
@@ -139,6 +142,8 @@ class PostProcess:
                 f"{path} was tuned for classes {pp.class_names}, but these predictions have "
                 f"{list(class_names)}"
             )
+        if pp.changes_masks and background != 0:
+            raise ValueError(f"{path}: its mask operations need a background class; these runs have none")
         return pp
 
 

@@ -169,3 +169,14 @@ def test_probability_files_of_runs_with_and_without_background_are_not_voted_tog
     assert files(block(0), None).background() == 0  # a file written before provenance: the old default
     with pytest.raises(ProvenanceError, match="differ in data.background"):
         files(block(0), block(None)).background()
+
+
+def test_mask_post_processing_is_refused_for_runs_without_a_background(tmp_path):
+    from competition.postprocess import PostProcess
+
+    path = PostProcess(["Sky", "Road"], min_area={"Road": 0.01}).save(tmp_path / "postprocess.json")
+    assert PostProcess.load(path, ["Sky", "Road"]).changes_masks  # runs with a background class: read
+    with pytest.raises(ValueError, match="mask operations need a background class"):
+        PostProcess.load(path, ["Sky", "Road"], background=None)  # predict, ensemble and export all read here
+    plain = PostProcess(["Sky", "Road"]).save(tmp_path / "none.json")
+    assert not PostProcess.load(plain, ["Sky", "Road"], background=None).changes_masks  # nothing to refuse
