@@ -244,11 +244,10 @@ class ProbFiles:
     def background(self) -> int | None:
         """The background class id of the runs the files were made from (``None``: none; files written
         before it was recorded: 0); files that differ are refused, as for runs."""
-        values = {r.get("background", 0) for b in self.blocks for r in (b or {}).get("runs", [])}
-        if len(values) > 1:
-            files = ", ".join(str(p) for p in self.paths)
-            raise provenance.ProvenanceError(f"{files}: made from runs that differ in data.background")
-        return values.pop() if values else 0
+        return provenance.agreed_background(
+            {f"{r['name']} of {p}": provenance.record_background(r)
+             for p, b in zip(self.paths, self.blocks) for r in (b or {}).get("runs", [])}
+        )  # fmt: skip
 
     def partial(self) -> list[str]:
         """The incomplete-run problems the files were made with (``predict --allow-partial``)."""

@@ -125,7 +125,7 @@ class RunInfo:
             "folds_hash": self.folds_hash,
             "folds": self.expected,
             "epochs": {str(k): [f.epochs_done, f.epochs] for k, f in sorted(self.folds.items())},
-        } | ({"background": None} if self.background is None else {})  # only when set: old records stay
+        } | ({"background": None} if self.background is None else {})  # only when none: see record_background
 
 
 def patience_spent(miou: Sequence[float], patience: int | None) -> bool:
@@ -185,13 +185,23 @@ def read_run(path: str | os.PathLike) -> RunInfo:
 
 
 def common_background(runs: Sequence[RunInfo]) -> int | None:
-    """The background class id every run has (``None``: none); runs that differ are refused, since the
-    same class names mean different things with and without a background class."""
-    values = {run.background for run in runs}
+    """The background class id every run has (``None``: none); see ``agreed_background``."""
+    return agreed_background({str(run.dir): run.background for run in runs})
+
+
+def agreed_background(backgrounds: Mapping[str, int | None]) -> int | None:
+    """The one background class id of runs (described -> id; ``None``: none; no runs: 0). Runs that differ
+    are refused, since the same class names mean different things with and without a background class."""
+    values = set(backgrounds.values())
     if len(values) > 1:
-        described = ", ".join(f"{run.dir}: {'none' if run.background is None else 0}" for run in runs)
+        described = ", ".join(f"{d}: {'none' if b is None else b}" for d, b in backgrounds.items())
         raise ProvenanceError(f"runs differ in data.background ({described}): their class 0 is not the same")
     return values.pop() if values else 0
+
+
+def record_background(record: Mapping[str, Any]) -> int | None:
+    """The background class id of a run record (``RunInfo.record``: the key is written only when none)."""
+    return record.get("background", 0)
 
 
 def check_complete(runs: Sequence[RunInfo], allow_partial: bool = False) -> list[str]:
