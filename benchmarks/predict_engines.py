@@ -20,6 +20,7 @@ import torch
 
 from competition.bundle import ONNX_FILE, OnnxModel, bundle_size, export_bundle
 from competition.checkpoint import fold_dirs, load_fold_model
+from competition.runtime import output_stride, padded_size
 
 
 def timed(fn, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
@@ -53,7 +54,7 @@ def main() -> None:
         )
         fold = fold_dirs(bundle / "runs" / args.run.name)[0]
         model, cfg, _ = load_fold_model(fold)
-        height, width = (-(-s // 32) * 32 for s in cfg.augment.hw(cfg.augment.eval_size) or (256, 256))
+        height, width = padded_size(cfg.augment.hw(cfg.augment.eval_size) or (256, 256), output_stride(model))
         engines = {
             "eager": model,
             "compile": torch.compile(model),

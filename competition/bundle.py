@@ -84,13 +84,11 @@ def export_onnx(fold_dir: Path, target: Path) -> float:
     against eager on a random input of another size than the export's; returns the max logit difference
     relative to the largest logit."""
     from .checkpoint import load_fold_model
-    from .runtime import main_logits
+    from .runtime import main_logits, output_stride, padded_size
 
     model, cfg, _ = load_fold_model(fold_dir, "cpu")
-    stride = int(getattr(getattr(model, "encoder", None), "output_stride", 32))
-    height, width = (
-        -(-side // stride) * stride for side in cfg.augment.hw(cfg.augment.eval_size) or (256, 256)
-    )
+    stride = output_stride(model)
+    height, width = padded_size(cfg.augment.hw(cfg.augment.eval_size) or (256, 256), stride)
     sample = torch.rand(1, cfg.model.in_channels, height, width)  # the eval size padded to the stride
     axes = {0: "batch", 2: "height", 3: "width"}
     with torch.no_grad():

@@ -183,6 +183,16 @@ def to_probs(output: Any, classes: int | None = None) -> torch.Tensor:
     return probs
 
 
+def output_stride(model: nn.Module) -> int:
+    """What a model's input sides must divide by: its encoder's output stride (32 without an encoder)."""
+    return int(getattr(getattr(unwrap(model), "encoder", None), "output_stride", 32))
+
+
+def padded_size(size: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """``(height, width)`` rounded up to ``multiple``: the size ``pad_to_multiple`` pads to."""
+    return size[0] + (-size[0]) % multiple, size[1] + (-size[1]) % multiple
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """Mirror-pad bottom/right so H and W divide by ``multiple`` (a model's output stride); returns the
     original size for cropping."""

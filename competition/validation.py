@@ -15,7 +15,15 @@ from . import checkpoint as ckpt
 from .config import Config
 from .metrics import ConfusionMatrix
 from .oof import OOF_FILE, OofWriter
-from .runtime import autocast, batch_to_device, collate, eval_outputs, pad_to_multiple, to_probs, unwrap
+from .runtime import (
+    autocast,
+    batch_to_device,
+    collate,
+    eval_outputs,
+    output_stride,
+    pad_to_multiple,
+    to_probs,
+)
 
 
 @torch.no_grad()
@@ -36,7 +44,7 @@ def evaluate(
     model.eval()
     matrix = ConfusionMatrix(classes, cfg.loss.ignore_index, device)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=device)
-    stride = getattr(getattr(unwrap(model), "encoder", None), "output_stride", 32)
+    stride = output_stride(model)
     for batch in loader:
         images, masks = batch_to_device(batch, device, cfg.train.channels_last)
         images, (h, w) = pad_to_multiple(images, stride)  # any image size: padded, and cropped back

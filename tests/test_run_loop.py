@@ -348,6 +348,11 @@ def test_validation_pads_any_image_size_to_the_stride_and_scores_the_original_pi
     )
     assert seen[0].shape == (2, 3, 40, 56)  # cropped back to the image
     assert int(matrix.matrix.sum()) == 2 * 40 * 56 - 10 and np.isfinite(loss)
+    from competition.runtime import output_stride, pad_to_multiple, padded_size
+
+    assert output_stride(model) == 32 and padded_size((40, 56), 32) == (64, 64)
+    assert pad_to_multiple(batch["image"], 32)[0].shape[-2:] == padded_size((40, 56), 32)  # one rounding
+    assert padded_size((240, 320), 32) == (256, 320) and output_stride(torch.nn.Conv2d(3, 3, 1)) == 32
 
 
 def test_rotate90_keeps_full_frames_one_shape_and_turns_squares_freely():
