@@ -27,12 +27,20 @@ technique; the summary gives each technique's paired difference to plain, mean �
 pixels that are right (precision), against the real labels (``OUT/pseudo_quality.csv``).
 
 ``--ensemble``: per seed, the val mIoU at native size of each variant's run and of their equal-weight soft
-vote, plain and with hflip + scales TTA (``OUT/ensemble.csv``).
+vote, plain and with hflip + scales TTA (``OUT/ensemble.csv``); ``--ensemble-runs`` the same for named runs,
+e.g. one variant's seeds, with the vote's gain over its members (mean ± std over them).
+
+``u3p_swa`` averages the last 4 epochs' weights (``train.swa_epochs=4``). Averaging changes only what is
+validated and kept, not the training, so the run also gives its seed's plain ``u3p`` row: the same run's
+last-epoch weights from ``last.ckpt``, scored at native size (``native_miou`` holds both runs' native-size
+scores, the paired SWA difference).
 
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p,unetplusplus --seeds 0,1,2 --epochs 16
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 0 --epochs 16 --techniques --tune-crf
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 0 --epochs 16 --pseudo-quality
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p,unetplusplus,unetplusplus_ds --seeds 0 --ensemble
+python benchmarks/camvid.py --out /tmp/camvid --variants u3p_swa,unetplusplus --seeds 1,2 \\
+    --ensemble-runs u3p_s0,u3p_swa_s1,u3p_swa_s2
 """
 
 from __future__ import annotations
@@ -62,7 +70,10 @@ VARIANTS: dict[str, list[str]] = {
     "unetplusplus_ds": ["model.arch=unetplusplus", "model.params={deep_supervision: true}"],
     "upernet": ["model.arch=upernet", *SMP],
     "u3p_noscale": ["augment.scale=[1, 1]"],  # training at the eval scale, no random scale
+    # checkpoint averaging over the last 4 epochs; the run also yields the plain "u3p" of its seed (below)
+    "u3p_swa": ["train.swa_epochs=4"],
 }
+SWA_SUFFIX = "_swa"
 
 
 def write_folds(data: Path, out: Path) -> Path:
@@ -104,7 +115,10 @@ def run_config(variant: str, seed: int, args: argparse.Namespace, folds: Path):
     return load_config("camvid_lite0", overrides)
 
 
-def one_run(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> dict:
+def one_run(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
+    """The run's row (its last epoch in ``metrics.csv``); a ``*_swa`` run adds the row of its base variant:
+    the same run's own last-epoch weights, without the average (training is the same with or without
+    averaging, which only changes what is validated and kept), so SWA's difference is paired exactly."""
     cfg = run_config(variant, seed, args, folds)
     fold_dir = cfg.run_dir(0)
     started = time.perf_counter()
@@ -115,7 +129,35 @@ def one_run(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> d
     row |= {c.removeprefix("iou_"): float(last[c]) for c in metrics.columns if c.startswith("iou_")}
     row |= {"train_s": float(metrics["seconds"].sum()), "this_call_s": time.perf_counter() - started}
     row |= {"best_epoch_miou": float(metrics["miou"].max())}  # shown, never used to choose
-    return row
+    if not (variant.endswith(SWA_SUFFIX) and cfg.train.swa_epochs):
+        return [row]
+    averaged, raw = without_average(cfg, folds)
+    base = {k: v for k, v in row.items() if k not in averaged} | {"variant": variant.removesuffix(SWA_SUFFIX)}
+    raw |= {"native_miou": raw["miou"], "from": variant}  # scored at native size (eval size not at hand)
+    return [row | {"native_miou": averaged["miou"]}, base | raw]
+
+
+def without_average(cfg, folds: Path) -> tuple[dict, dict]:
+    """Val mIoU and per-class IoU at native size of a checkpoint-averaged run (its kept weights) and of the
+    same run's last-epoch weights from ``last.ckpt`` (the model before averaging)."""
+    import copy
+    from dataclasses import replace
+
+    from competition import checkpoint as ckpt
+    from competition.metrics import confusion, iou_of, miou_of
+    from competition.predictor import Ensemble, load_specs
+
+    specs, names = load_specs([cfg.output_dir / cfg.name], allow_partial=True)
+    raw = copy.deepcopy(specs[0].model)
+    raw.load_state_dict(ckpt.load_last(cfg.run_dir(0) / ckpt.LAST)["model"])
+    models = [Ensemble(specs), Ensemble([replace(specs[0], model=raw.eval())])]
+    counts = np.zeros((2, len(names), len(names)), np.int64)
+    for image, target in val_frames(cfg, folds, names):
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        for k, model in enumerate(models):
+            counts[k] += confusion(model(x)[0].numpy().argmax(0), target, len(names), 255)
+    averaged, plain = ({"miou": miou_of(m)} | dict(zip(names, iou_of(m).tolist())) for m in counts)
+    return averaged, plain
 
 
 def techniques(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
@@ -190,31 +232,43 @@ def val_frames(cfg, folds: Path, names: list[str]):
         yield read_image(cfg.data.root / info.file_name), target
 
 
-def ensemble_scores(variants: list[str], seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
-    """Val mIoU at native size of each member run and of their equal-weight soft vote (the mean of the
-    members' probabilities), plain and with flip + scale TTA: the same images, so differences are paired."""
+def ensemble_scores(runs: list[str], args: argparse.Namespace, folds: Path) -> list[dict]:
+    """Val mIoU at native size of each finished run (``OUT/runs/<variant>_s<seed>``) and of their
+    equal-weight soft vote (the mean of the members' probabilities), plain and with flip + scale TTA: the
+    same images, so differences are paired."""
     from competition.metrics import confusion, iou_of, miou_of
     from competition.predictor import Ensemble, InferenceOptions, load_specs
 
-    cfgs = [run_config(v, seed, args, folds) for v in variants]
-    specs, names = load_specs([c.output_dir / c.name for c in cfgs], allow_partial=True)
+    specs, names = load_specs([args.out / "runs" / run for run in runs], allow_partial=True)
     tta = {
         "plain": InferenceOptions(),
         "tta_hflip_scales": InferenceOptions(["identity", "hflip"], [0.75, 1, 1.25]),
     }
-    vote = "+".join(variants)
-    counts = {(m, t): np.zeros((len(names), len(names)), np.int64) for m in [*variants, vote] for t in tta}
-    for image, target in val_frames(cfgs[0], folds, names):
+    vote = "+".join(runs)
+    counts = {(m, t): np.zeros((len(names), len(names)), np.int64) for m in [*runs, vote] for t in tta}
+    for image, target in val_frames(run_config(next(iter(VARIANTS)), 0, args, folds), folds, names):
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
         for t, opts in tta.items():
             probs = [Ensemble([spec], opts)(x)[0].numpy() for spec in specs]
-            for model, p in [*zip(variants, probs), (vote, np.mean(probs, axis=0))]:
+            for model, p in [*zip(runs, probs), (vote, np.mean(probs, axis=0))]:
                 counts[model, t] += confusion(p.argmax(0), target, len(names), 255)
     rows = []
     for (model, tta_name), matrix in counts.items():
-        row = {"variant": ",".join(variants), "seed": seed, "model": model, "tta": tta_name}
+        row = {"members": vote, "model": model, "tta": tta_name}
         rows.append(row | {"miou": miou_of(matrix)} | dict(zip(names, iou_of(matrix).tolist())))
     return rows
+
+
+def vote_gain(rows: list[dict]) -> str:
+    """The vote's mIoU minus each member's, mean ± std over the members, per TTA setting."""
+    frame = pd.DataFrame(rows)
+    lines = []
+    for tta_name, group in frame.groupby("tta", sort=False):
+        vote = group[group["model"] == group["members"]]["miou"].iloc[0]
+        gain = vote - group[group["model"] != group["members"]]["miou"]
+        std = f" ± {gain.std(ddof=1):.4f}" if len(gain) > 1 else ""
+        lines.append(f"{tta_name}: vote {vote:.4f}, vote - member {gain.mean():+.4f}{std} ({len(gain)} runs)")
+    return "\n".join(lines)
 
 
 def pseudo_quality(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
@@ -282,11 +336,27 @@ def summary(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def save_rows(path: Path, rows: list[dict], variant: str, seed: int) -> None:
-    """Replace the rows of (variant, seed) in the CSV ``path`` by ``rows``."""
+def swa_gain(table: pd.DataFrame) -> str:
+    """Per ``*_swa`` variant: the averaged weights' native-size mIoU minus the same runs' last-epoch weights',
+    mean ± std over seeds."""
+    if "from" not in table.columns:
+        return ""
+    lines = []
+    for variant, group in table[table["from"].notna()].groupby("from"):
+        raw = group.set_index("seed")["native_miou"]
+        averaged = table[table["variant"] == variant].set_index("seed")["native_miou"]
+        gain = (averaged - raw).dropna()
+        std = f" ± {gain.std(ddof=1):.4f}" if len(gain) > 1 else ""
+        lines.append(f"{variant} - its last-epoch weights: {gain.mean():+.4f}{std} ({len(gain)} seeds)")
+    return "\n".join(lines)
+
+
+def save_rows(path: Path, rows: list[dict], key: tuple[str, ...] = ("variant", "seed")) -> None:
+    """Write ``rows`` into the CSV ``path``, replacing the rows there with the same ``key`` values."""
     done = pd.read_csv(path) if path.is_file() else pd.DataFrame()
-    if len(done):
-        done = done[~((done["variant"] == variant) & (done["seed"] == seed))]
+    if len(done) and set(key) <= set(done.columns):
+        new = {tuple(r[k] for k in key) for r in rows}
+        done = done[[values not in new for values in zip(*(done[k] for k in key))]]
     pd.concat([done, pd.DataFrame(rows)]).to_csv(path, index=False)
 
 
@@ -303,6 +373,13 @@ def technique_summary(table: pd.DataFrame) -> pd.DataFrame:
              "s_per_image": f"{group['s_per_image'].mean():.2f}"}
         )  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def score_ensemble(runs: list[str], args: argparse.Namespace, folds: Path) -> None:
+    rows = ensemble_scores(runs, args, folds)
+    save_rows(args.out / "ensemble.csv", rows, key=("members",))
+    print(pd.DataFrame(rows)[["model", "tta", "miou"]].to_string(index=False))
+    print(vote_gain(rows), flush=True)
 
 
 def main() -> None:
@@ -337,30 +414,35 @@ def main() -> None:
         "--ensemble", action="store_true",
         help="also score the soft vote of the variants' runs of each seed, beside each member (ensemble.csv)",
     )  # fmt: skip
+    parser.add_argument(
+        "--ensemble-runs", default="",
+        help="comma-separated finished runs (e.g. u3p_s0,u3p_swa_s1,u3p_swa_s2): score them and their soft "
+        "vote after the runs above (ensemble.csv)",
+    )  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     folds = write_folds(args.data, args.out)
     results = args.out / "results.csv"
     for seed in [int(s) for s in args.seeds.split(",")]:
         for variant in args.variants.split(","):
-            row = one_run(variant, seed, args, folds)
-            save_rows(results, [row], variant, seed)  # partial results as they come
-            print(
-                f"{variant} seed {seed}: val mIoU {row['miou']:.4f} after {row['epochs']} epochs", flush=True
-            )
+            rows = one_run(variant, seed, args, folds)
+            save_rows(results, rows)  # partial results as they come
+            for row in rows:
+                print(f"{row['variant']} seed {seed}: val mIoU {row['miou']:.4f}, {row['epochs']} epochs")
             if args.techniques:
-                save_rows(args.out / "techniques.csv", techniques(variant, seed, args, folds), variant, seed)
+                save_rows(args.out / "techniques.csv", techniques(variant, seed, args, folds))
             if args.pseudo_quality:
                 quality = pseudo_quality(variant, seed, args, folds)
-                save_rows(args.out / "pseudo_quality.csv", quality, variant, seed)
+                save_rows(args.out / "pseudo_quality.csv", quality)
                 print(pd.DataFrame(quality).T.to_string())
         if args.ensemble:
-            rows = ensemble_scores(args.variants.split(","), seed, args, folds)
-            save_rows(args.out / "ensemble.csv", rows, args.variants, seed)
-            print(pd.DataFrame(rows)[["model", "tta", "miou"]].to_string(index=False), flush=True)
+            score_ensemble([f"{v}_s{seed}" for v in args.variants.split(",")], args, folds)
+    if args.ensemble_runs:
+        score_ensemble(args.ensemble_runs.split(","), args, folds)
     table = pd.read_csv(results)
     print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} torch {torch.__version__}, {args.epochs} epochs")
     print(summary(table, args.reference).to_string(index=False))
+    print(swa_gain(table))
     per_class = table.groupby("variant")[[c for c in table.columns if c[0].isupper()]].mean()
     print(per_class.T.to_string(float_format=lambda v: f"{v:.3f}"))
     if args.techniques:
