@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .runtime import autocast, collate, normalize_weights, pad_to_multiple, sample_id, to_probs
+from .runtime import autocast, collate, normalize_weights, output_stride, pad_to_multiple, sample_id, to_probs
 
 VIEWS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")
 
@@ -261,6 +261,7 @@ def load_runs(
                     IMAGENET_MEAN if imagenet else None,
                     IMAGENET_STD if imagenet else None,
                     weight=float(run_weight) / len(dirs),
+                    multiple=output_stride(model),  # as validation pads (32 for an ONNX graph)
                     name=f"{cfg.name}/{d.name}",
                     input_size=cfg.augment.hw(cfg.augment.eval_size),
                     fold=int(meta["fold"]),

@@ -146,6 +146,15 @@ def test_ensemble_predicts_each_model_at_its_eval_size(trained_run, tmp_path):
     assert load_specs([fold])[0][0].input_size == (32, 64)
 
 
+def test_predict_pads_inputs_to_the_models_output_stride_as_validation_does(trained_run, monkeypatch):
+    cfg, results = trained_run
+    specs, _ = load_specs([results[0].run_dir])
+    assert specs[0].multiple == 32  # the tiny model's encoder: stride 32
+    encoder = type(specs[0].model.encoder)
+    monkeypatch.setattr(encoder, "output_stride", property(lambda self: 16), raising=False)
+    assert load_specs([results[0].run_dir])[0][0].multiple == 16  # e.g. encoder_depth=4
+
+
 # ------------------------------------------------------------------ 5. resume keeps the better best
 def test_resume_never_replaces_a_better_best_checkpoint(synthetic_data, tmp_path):
     cfg = config_from_dict(
