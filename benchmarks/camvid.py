@@ -39,8 +39,9 @@ python benchmarks/camvid.py --out /tmp/camvid --variants u3p,unetplusplus --seed
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 0 --epochs 16 --techniques --tune-crf
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 0 --epochs 16 --pseudo-quality
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p,unetplusplus,unetplusplus_ds --seeds 0 --ensemble
-python benchmarks/camvid.py --out /tmp/camvid --variants u3p_swa,unetplusplus --seeds 1,2 \\
-    --ensemble-runs u3p_s0,u3p_swa_s1,u3p_swa_s2
+python benchmarks/camvid.py --out /tmp/camvid --variants u3p_swa --seeds 1,2 \\
+    --ensemble-runs u3p_swa_s1,u3p_swa_s2
+python benchmarks/camvid.py --out /tmp/camvid --variants unetplusplus --seeds 1
 """
 
 from __future__ import annotations
