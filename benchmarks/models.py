@@ -1,4 +1,4 @@
-"""Unet3Plus vs smp Unet / UnetPlusPlus on the same encoders, measured side by side in one run.
+"""Unet3Plus vs smp Unet / UnetPlusPlus / UPerNet on the same encoders, measured side by side in one run.
 
 Per model: forward GFLOP/img (``torch.utils.flop_counter``), train img/s (forward + backward + AdamW step),
 inference img/s, peak memory (CUDA only) and achieved TFLOP/s; ratios are against UnetPlusPlus on the same
@@ -7,6 +7,8 @@ change).
 
 python benchmarks/models.py                                    # CPU: 256x256, batch 2, fp32
 python benchmarks/models.py --device cuda --size 512 --batch 16 --amp bf16 --channels-last   # GPU setting
+python benchmarks/models.py --encoders tu-efficientnet_lite0 --size 224 --batch 8 \\
+    --models "Unet,Unet3Plus cat32 DS+CGM,UPerNet"                 # the CamVid recipe's models
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ VARIANTS = [
     ("Unet3Plus cat32", "unet3plus", {"decoder_cat_channels": 32}),
     ("Unet3Plus cat32 DS+CGM", "unet3plus", {"decoder_cat_channels": 32, **DS_CGM}),
     ("Unet3Plus paper order", "unet3plus", {"decoder_upsample_after_conv": False}),
+    ("UPerNet", "upernet", {}),
 ]
 
 
@@ -102,6 +105,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", choices=("none", "bf16"), default="none")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--models", default="", help=f"comma-separated labels (default all; UnetPlusPlus is always run): "
+        f"{', '.join(v[0] for v in VARIANTS)}",
+    )  # fmt: skip
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -118,6 +125,8 @@ def main() -> None:
     for encoder in args.encoders.split(","):
         rows = {}
         for label, arch, kwargs in VARIANTS:
+            if args.models and label not in {"UnetPlusPlus", *args.models.split(",")}:
+                continue
             model = smp_unet3p.create_model(
                 arch, encoder, encoder_weights=None, classes=args.classes, **kwargs
             )
