@@ -32,8 +32,8 @@ e.g. one variant's seeds, with the vote's gain over its members (mean ± std ove
 
 ``u3p_swa`` averages the last 4 epochs' weights (``train.swa_epochs=4``). Averaging changes only what is
 validated and kept, not the training, so the run also gives its seed's plain ``u3p`` row: the same run's
-last-epoch weights from ``last.ckpt``, scored at native size (``native_miou`` holds both runs' native-size
-scores, the paired SWA difference).
+last-epoch weights from ``last.ckpt``. Both rows are scored at native size (column ``size``), where SWA's
+difference is paired; the summary says which size each variant's mIoU is at.
 
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p,unetplusplus --seeds 0,1,2 --epochs 16
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 0 --epochs 16 --techniques --tune-crf
@@ -126,16 +126,17 @@ def one_run(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> l
     train(cfg, "0", resume=fold_dir.is_dir())
     metrics = pd.read_csv(fold_dir / "metrics.csv")
     last = metrics.iloc[-1]
-    row = {"variant": variant, "seed": seed, "epochs": int(last["epoch"]), "miou": float(last["miou"])}
+    row = {"variant": variant, "seed": seed, "epochs": int(last["epoch"]), "size": "eval"}
+    row |= {"miou": float(last["miou"])}
     row |= {c.removeprefix("iou_"): float(last[c]) for c in metrics.columns if c.startswith("iou_")}
     row |= {"train_s": float(metrics["seconds"].sum()), "this_call_s": time.perf_counter() - started}
     row |= {"best_epoch_miou": float(metrics["miou"].max())}  # shown, never used to choose
     if not (variant.endswith(SWA_SUFFIX) and cfg.train.swa_epochs):
         return [row]
+    # both rows at native size (the raw weights' eval-size score is not at hand), and paired there
     averaged, raw = without_average(cfg, folds)
-    base = {k: v for k, v in row.items() if k not in averaged} | {"variant": variant.removesuffix(SWA_SUFFIX)}
-    raw |= {"native_miou": raw["miou"], "from": variant}  # scored at native size (eval size not at hand)
-    return [row | {"native_miou": averaged["miou"]}, base | raw]
+    base = row | {"variant": variant.removesuffix(SWA_SUFFIX), "size": "native", "from": variant}
+    return [row | averaged | {"size": "native"}, base | raw]
 
 
 def without_average(cfg, folds: Path) -> tuple[dict, dict]:
@@ -326,6 +327,7 @@ def summary(table: pd.DataFrame, reference: str) -> pd.DataFrame:
         row = {
             "variant": variant,
             "seeds": len(g),
+            "size": "/".join(g["size"].dropna().unique()) if "size" in g else "eval",
             "miou": f"{g['miou'].mean():.3f} ± {g['miou'].std(ddof=1):.3f}",
         }
         row |= {
@@ -344,8 +346,8 @@ def swa_gain(table: pd.DataFrame) -> str:
         return ""
     lines = []
     for variant, group in table[table["from"].notna()].groupby("from"):
-        raw = group.set_index("seed")["native_miou"]
-        averaged = table[table["variant"] == variant].set_index("seed")["native_miou"]
+        raw = group.set_index("seed")["miou"]
+        averaged = table[table["variant"] == variant].set_index("seed")["miou"]
         gain = (averaged - raw).dropna()
         std = f" ± {gain.std(ddof=1):.4f}" if len(gain) > 1 else ""
         lines.append(f"{variant} - its last-epoch weights: {gain.mean():+.4f}{std} ({len(gain)} seeds)")
