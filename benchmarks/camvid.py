@@ -42,6 +42,8 @@ python benchmarks/camvid.py --out /tmp/camvid --variants u3p,unetplusplus,unetpl
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p_swa --seeds 1,2 \\
     --ensemble-runs u3p_swa_s1,u3p_swa_s2
 python benchmarks/camvid.py --out /tmp/camvid --variants unetplusplus --seeds 1
+python benchmarks/camvid.py --out /tmp/camvid --variants unet --seeds 1 --threads 1   # beside the next one
+python benchmarks/camvid.py --out /tmp/camvid --variants upernet --seeds 1 --threads 1 --techniques
 """
 
 from __future__ import annotations
