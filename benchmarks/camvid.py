@@ -372,10 +372,11 @@ def at_equal_time(out: Path, table: pd.DataFrame, epochs: int) -> pd.DataFrame:
         curves = {v: c for v, c in curves.items() if len(c) >= epochs}
         for owner, budget in sorted(((v, c["seconds"].sum()) for v, c in curves.items()), key=lambda b: b[1]):
             for variant, curve in curves.items():
-                done = curve[curve["seconds"].cumsum() <= budget + 1].tail(1)  # empty: no epoch in time
+                within = curve[curve["seconds"].cumsum() <= budget + 1]
+                last = within.iloc[-1] if len(within) else {"epoch": 0, "miou": float("nan")}  # none in time
                 rows.append(
                     {"seed": seed, "budget": f"{owner} ({budget / 60:.0f} min)", "variant": variant,
-                     "epoch": int(done["epoch"].sum()), "miou": float(done["miou"].mean())}
+                     "epoch": int(last["epoch"]), "miou": float(last["miou"])}
                 )  # fmt: skip
     return pd.DataFrame(rows)
 
