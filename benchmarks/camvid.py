@@ -44,6 +44,12 @@ python benchmarks/camvid.py --out /tmp/camvid --variants u3p_swa --seeds 1,2 \\
 python benchmarks/camvid.py --out /tmp/camvid --variants unetplusplus --seeds 1
 python benchmarks/camvid.py --out /tmp/camvid --variants unet --seeds 1 --threads 1   # beside the next one
 python benchmarks/camvid.py --out /tmp/camvid --variants upernet --seeds 1 --threads 1 --techniques
+python benchmarks/camvid.py --out /tmp/camvid --variants upernet --seeds 2,0 --threads 2   # then, one by one:
+python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 2 --threads 2   # and --seeds 0
+python benchmarks/camvid.py --out /tmp/camvid --variants upernet_e10 --seeds 2 --threads 2
+
+Runs are deterministic on one machine, not across CPUs: a seed rerun on another machine follows another
+trajectory, so pair runs made on the same machine.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ VARIANTS: dict[str, list[str]] = {
     "unetplusplus": ["model.arch=unetplusplus", *SMP],
     "unetplusplus_ds": ["model.arch=unetplusplus", "model.params={deep_supervision: true}"],
     "upernet": ["model.arch=upernet", *SMP],
+    # UPerNet on a schedule planned for about UNet 3+'s 16-epoch wall-clock (its epochs cost ~1.5x)
+    "upernet_e10": ["model.arch=upernet", *SMP, "train.epochs=10"],
     "u3p_noscale": ["augment.scale=[1, 1]"],  # training at the eval scale, no random scale
     # checkpoint averaging over the last 4 epochs; the run also yields the plain "u3p" of its seed (below)
     "u3p_swa": ["train.swa_epochs=4"],
