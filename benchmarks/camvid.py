@@ -48,7 +48,7 @@ python benchmarks/camvid.py --out /tmp/camvid --variants upernet --seeds 2,0 --t
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 2 --threads 2   # and --seeds 0
 python benchmarks/camvid.py --out /tmp/camvid --variants upernet_e10 --seeds 2 --threads 2
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p,upernet --seeds 2 --threads 2 \\
-    --ensemble-runs u3p_s2,upernet_s2
+    --ensemble-runs u3p_s2,upernet_s2   # and the same for seed 0
 
 Runs are deterministic on one machine, not across CPUs: a seed rerun on another machine follows another
 trajectory, so pair runs made on the same machine.
