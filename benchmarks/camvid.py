@@ -366,9 +366,11 @@ def swa_gain(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def at_equal_time(out: Path, table: pd.DataFrame, epochs: int) -> pd.DataFrame:
+def at_equal_time(out: Path, table: pd.DataFrame) -> pd.DataFrame:
     """Equal wall-clock: per seed and per budget (one finished run's full training minutes), each finished
-    run's val mIoU (eval size, ``metrics.csv``) at the last epoch it finished within the budget. A run cut
+    run's val mIoU (eval size, ``metrics.csv``) at the last epoch it finished within the budget. A finished
+    run is a row of ``table`` and ends at the epochs recorded there (its own schedule, which a variant such
+    as ``upernet_e10`` sets shorter than ``--epochs``). A run cut
     short there has not finished its learning-rate schedule, which handicaps it; ``*_swa`` runs validate
     averaged weights in their last ``swa_epochs`` epochs. The minutes are each run's own epoch times: runs
     that shared the CPU with different neighbours compare only roughly (``benchmarks/models.py`` has
@@ -377,9 +379,9 @@ def at_equal_time(out: Path, table: pd.DataFrame, epochs: int) -> pd.DataFrame:
     rows = []
     for seed, group in runs.groupby("seed"):
         curves = {
-            v: pd.read_csv(out / "runs" / f"{v}_s{seed}" / "fold0" / "metrics.csv") for v in group["variant"]
+            v: pd.read_csv(out / "runs" / f"{v}_s{seed}" / "fold0" / "metrics.csv").head(n)
+            for v, n in zip(group["variant"], group["epochs"])
         }
-        curves = {v: c for v, c in curves.items() if len(c) >= epochs}
         for owner, budget in sorted(((v, c["seconds"].sum()) for v, c in curves.items()), key=lambda b: b[1]):
             for variant, curve in curves.items():
                 within = curve[curve["seconds"].cumsum() <= budget + 1]
@@ -483,7 +485,7 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} torch {torch.__version__}, {args.epochs} epochs")
     print(summary(table, args.reference).to_string(index=False))
     print(swa_gain(table))
-    print(at_equal_time(args.out, table, args.epochs).to_string(index=False))
+    print(at_equal_time(args.out, table).to_string(index=False))
     per_class = table.groupby("variant")[[c for c in table.columns if c[0].isupper()]].mean()
     print(per_class.T.to_string(float_format=lambda v: f"{v:.3f}"))
     if args.techniques:
