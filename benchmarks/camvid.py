@@ -26,6 +26,14 @@ technique; the summary gives each technique's paired difference to plain, mean �
 (``class_share=0.5``); per class, the share of its true pixels labelled right (coverage) and of its labelled
 pixels that are right (precision), against the real labels (``OUT/pseudo_quality.csv``).
 
+``u3p_pseudo``: one pseudo-label round on the val images, as a competitor runs it on the test images: the
+seed's ``u3p`` run (trained or reused first) labels them at threshold 0.9 with class-balanced thresholds
+(class share 0.5, the second ``--pseudo-quality`` row; ``OUT/pseudo_u3p_s<seed>_0.5``), and the recipe is
+trained again on the train split plus those images (``data.extra``), then scored on their real labels. The
+teacher never saw a val label and nothing was chosen on val, so this is the fold-matched round.
+``u3p_cp``: the recipe with copy-paste (``augment.copy_paste=0.5``: 1-3 instances of the train split, here
+connected components of any class, the class drawn uniformly, resized 0.5-1.5x).
+
 ``--ensemble``: per seed, the val mIoU at native size of each variant's run and of their equal-weight soft
 vote, plain and with hflip + scales TTA (``OUT/ensemble.csv``); ``--ensemble-runs`` the same for named runs,
 e.g. one variant's seeds, with the vote's gain over its members (mean ± std over them).
@@ -83,10 +91,17 @@ VARIANTS: dict[str, list[str]] = {
     # UPerNet on a schedule planned for about UNet 3+'s 16-epoch wall-clock (its epochs cost ~1.5x)
     "upernet_e10": ["model.arch=upernet", *SMP, "train.epochs=10"],
     "u3p_noscale": ["augment.scale=[1, 1]"],  # training at the eval scale, no random scale
+    # copy-paste as the README shows it: p 0.5, 1-3 train-split instances (connected components of any
+    # class), the class drawn uniformly, resized 0.5-1.5x
+    "u3p_cp": ["augment.copy_paste=0.5"],
+    # one pseudo-label round: the recipe trained on train + the val images labelled by its seed's u3p run
+    # (threshold 0.9 with class-balanced thresholds, class share 0.5); see --help
+    "u3p_pseudo": [],
     # checkpoint averaging over the last 4 epochs; the run also yields the plain "u3p" of its seed (below)
     "u3p_swa": ["train.swa_epochs=4"],
 }
 SWA_SUFFIX = "_swa"
+PSEUDO_SUFFIX, PSEUDO_SHARE = "_pseudo", 0.5
 
 
 def write_folds(data: Path, out: Path) -> Path:
@@ -125,13 +140,40 @@ def run_config(variant: str, seed: int, args: argparse.Namespace, folds: Path):
         *VARIANTS[variant],
         *args.set,
     ]
+    if variant.endswith(PSEUDO_SUFFIX):
+        teacher = pseudo_dir(variant.removesuffix(PSEUDO_SUFFIX), seed, args, PSEUDO_SHARE)
+        # the teacher is the one fold-0 model, so its set counts as pooled; it never saw a val label
+        overrides += [
+            f"data.extra=[{teacher}]",
+            "data.extra_pooled=true",
+            f"data.folds={student_folds(folds)}",
+        ]
     return load_config("camvid_lite0", overrides)
+
+
+def student_folds(folds: Path) -> Path:
+    """``folds_student.csv`` beside ``folds``: the train split only (the val images are the student's
+    unlabelled "test" images, which a pseudo set may not share with labelled ones), its first frame as a
+    token fold 0 that the loop validates on (nothing is chosen on it: ``train.keep=last``)."""
+    table = pd.read_csv(folds).query("fold == 1").sort_values("file_name")
+    table["fold"] = [0] + [1] * (len(table) - 1)
+    path = folds.with_name("folds_student.csv")
+    table.to_csv(path, index=False)
+    return path
+
+
+def pseudo_dir(teacher: str, seed: int, args: argparse.Namespace, share: float | None) -> Path:
+    """Where the val images pseudo-labelled by run ``<teacher>_s<seed>`` (threshold 0.9, ``share``: the
+    class-balanced class share or none) are written (``val_pseudo``)."""
+    return args.out / f"pseudo_{teacher}_s{seed}_{share}"
 
 
 def one_run(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
     """The run's row (its last epoch in ``metrics.csv``); a ``*_swa`` run adds the row of its base variant:
     the same run's own last-epoch weights, without the average (training is the same with or without
     averaging, which only changes what is validated and kept), so SWA's difference is paired exactly."""
+    if variant.endswith(PSEUDO_SUFFIX):
+        return pseudo_round(variant, seed, args, folds)
     cfg = run_config(variant, seed, args, folds)
     fold_dir = cfg.run_dir(0)
     started = time.perf_counter()
@@ -158,20 +200,52 @@ def without_average(cfg, folds: Path) -> tuple[dict, dict]:
     from dataclasses import replace
 
     from competition import checkpoint as ckpt
-    from competition.metrics import confusion, iou_of, miou_of
     from competition.predictor import Ensemble, load_specs
 
     specs, names = load_specs([cfg.output_dir / cfg.name], allow_partial=True)
     raw = copy.deepcopy(specs[0].model)
     raw.load_state_dict(ckpt.load_last(cfg.run_dir(0) / ckpt.LAST)["model"])
     models = [Ensemble(specs), Ensemble([replace(specs[0], model=raw.eval())])]
-    counts = np.zeros((2, len(names), len(names)), np.int64)
+    averaged, plain = native_scores(models, cfg, folds, names)
+    return averaged, plain
+
+
+def native_scores(models: list, cfg, folds: Path, names: list[str]) -> list[dict]:
+    """Val mIoU and per-class IoU at native size of each model (an ``Ensemble``), on the same frames."""
+    from competition.metrics import confusion, iou_of, miou_of
+
+    counts = np.zeros((len(models), len(names), len(names)), np.int64)
     for image, target in val_frames(cfg, folds, names):
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
         for k, model in enumerate(models):
             counts[k] += confusion(model(x)[0].numpy().argmax(0), target, len(names), 255)
-    averaged, plain = ({"miou": miou_of(m)} | dict(zip(names, iou_of(m).tolist())) for m in counts)
-    return averaged, plain
+    return [{"miou": miou_of(m)} | dict(zip(names, iou_of(m).tolist())) for m in counts]
+
+
+def pseudo_round(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
+    """A ``*_pseudo`` variant: its teacher's run (trained or reused) and val pseudo-labels, then the student
+    trained on the train split plus them; one row, the student's native-size val score with the teacher's
+    beside it (``teacher_miou``: the same frames, so the difference is paired)."""
+    from competition.predictor import Ensemble, load_specs
+
+    teacher = variant.removesuffix(PSEUDO_SUFFIX)
+    rows = one_run(teacher, seed, args, folds)
+    val_pseudo(teacher, seed, args, folds, PSEUDO_SHARE)
+    cfg, teacher_cfg = run_config(variant, seed, args, folds), run_config(teacher, seed, args, folds)
+    started = time.perf_counter()
+    train(cfg, "0", resume=cfg.run_dir(0).is_dir())
+    metrics = pd.read_csv(cfg.run_dir(0) / "metrics.csv")  # validated on one train frame only: unused
+    models, names = [], []
+    for c in (cfg, teacher_cfg):
+        specs, names = load_specs([c.output_dir / c.name], allow_partial=True)
+        models.append(Ensemble(specs))
+    student, before = native_scores(models, cfg, folds, names)
+    row = {"variant": variant, "seed": seed, "epochs": int(metrics["epoch"].iloc[-1]), "size": "native"}
+    row |= student | {
+        "train_s": float(metrics["seconds"].sum()),
+        "this_call_s": time.perf_counter() - started,
+    }
+    return [*rows, row | {"teacher": teacher, "teacher_miou": before["miou"]}]
 
 
 def techniques(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
@@ -285,6 +359,31 @@ def vote_gain(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def val_ids(folds: Path) -> list[int]:
+    """Image ids of the val split (fold 0), ascending."""
+    return sorted(pd.read_csv(folds).query("fold == 0")["image_id"])
+
+
+def val_pseudo(variant: str, seed: int, args: argparse.Namespace, folds: Path, share: float | None) -> Path:
+    """The val images pseudo-labelled, as if they were test images, by the finished run of ``variant`` and
+    ``seed`` (``competition.pseudo``, pooled, no TTA, threshold 0.9; ``share``: class-balanced thresholds);
+    a set already written is reused."""
+    from competition.data.coco import load_coco
+    from competition.pseudo import make_pseudo
+
+    out = pseudo_dir(variant, seed, args, share)
+    if not (out / "pseudo.json").is_file():
+        cfg = run_config(variant, seed, args, folds)
+        coco = load_coco(cfg.data.annotations, cfg.data.root)
+        test_json = args.out / "val_images.json"
+        test_json.write_text(json.dumps({"images": [vars(coco.images[i]) for i in val_ids(folds)]}))
+        make_pseudo(
+            [cfg.output_dir / cfg.name], cfg.data.root, test_json, out, threshold=0.9, overwrite=True,
+            progress=False, pooled=True, allow_partial=True, class_share=share, workers=0,
+        )  # fmt: skip
+    return out
+
+
 def pseudo_quality(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
     """Pseudo-labels of the val images (as if they were test images) by a finished run, with one threshold
     and with class-balanced thresholds: per class, the share of its true pixels that get a label (coverage)
@@ -292,21 +391,14 @@ def pseudo_quality(variant: str, seed: int, args: argparse.Namespace, folds: Pat
     import cv2
 
     from competition.data.coco import ClassMap, load_coco, rasterize
-    from competition.pseudo import make_pseudo
 
     cfg = run_config(variant, seed, args, folds)
     coco = load_coco(cfg.data.annotations, cfg.data.root)
     class_map = ClassMap.build(coco.categories, cfg.data.classes, background=False)
-    val = sorted(pd.read_csv(folds).query("fold == 0")["image_id"])
-    test_json = args.out / "val_images.json"
-    test_json.write_text(json.dumps({"images": [vars(coco.images[i]) for i in val]}))
+    val = val_ids(folds)
     rows = []
     for label, share in (("threshold 0.9", None), ("0.9 + class share 0.5", 0.5)):
-        out = args.out / f"pseudo_{variant}_s{seed}_{share}"
-        made = make_pseudo(
-            [cfg.output_dir / cfg.name], cfg.data.root, test_json, out, threshold=0.9, overwrite=True,
-            progress=False, pooled=True, allow_partial=True, class_share=share, workers=0,
-        )  # fmt: skip
+        out = val_pseudo(variant, seed, args, folds, share)
         manifest = json.loads((out / "pseudo.json").read_text())
         hits = np.zeros((3, len(class_map.names)), np.int64)  # true pixels, labelled, labelled right
         for item, image_id in zip(manifest["images"], val):
@@ -321,7 +413,7 @@ def pseudo_quality(variant: str, seed: int, args: argparse.Namespace, folds: Pat
                 hits[2, c] += ((mask == c) & (truth == c)).sum()
         coverage = hits[2] / np.maximum(hits[0], 1)
         precision = hits[2] / np.maximum(hits[1], 1)
-        row = {"variant": variant, "seed": seed, "method": label, "images": made["images"]}
+        row = {"variant": variant, "seed": seed, "method": label, "images": len(manifest["images"])}
         row |= {"coverage_all": hits[2].sum() / hits[0].sum(), "precision_all": hits[2].sum() / hits[1].sum()}
         row |= {f"coverage_{n}": v for n, v in zip(class_map.names, coverage)}
         row |= {f"precision_{n}": v for n, v in zip(class_map.names, precision)}
@@ -366,6 +458,19 @@ def swa_gain(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def pseudo_gain(table: pd.DataFrame) -> str:
+    """Per ``*_pseudo`` variant: the student's native-size val mIoU minus its teacher's, mean ± std over
+    seeds."""
+    if "teacher" not in table.columns:
+        return ""
+    lines = []
+    for variant, group in table[table["teacher"].notna()].groupby("variant"):
+        gain = group["miou"] - group["teacher_miou"]
+        std = f" ± {gain.std(ddof=1):.4f}" if len(gain) > 1 else ""
+        lines.append(f"{variant} - its teacher (native size): {gain.mean():+.4f}{std} ({len(gain)} seeds)")
+    return "\n".join(lines)
+
+
 def at_equal_time(out: Path, table: pd.DataFrame) -> pd.DataFrame:
     """Equal wall-clock: per seed and per budget (one finished run's full training minutes), each finished
     run's val mIoU (eval size, ``metrics.csv``) at the last epoch it finished within the budget. A finished
@@ -376,6 +481,7 @@ def at_equal_time(out: Path, table: pd.DataFrame) -> pd.DataFrame:
     that shared the CPU with different neighbours compare only roughly (``benchmarks/models.py`` has
     side-by-side step costs)."""
     runs = table[table["from"].isna()] if "from" in table.columns else table
+    runs = runs[runs["teacher"].isna()] if "teacher" in runs.columns else runs  # students: other folds
     rows = []
     for seed, group in runs.groupby("seed"):
         curves = {
@@ -485,6 +591,7 @@ def main() -> None:
     print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} torch {torch.__version__}, {args.epochs} epochs")
     print(summary(table, args.reference).to_string(index=False))
     print(swa_gain(table))
+    print(pseudo_gain(table))
     print(at_equal_time(args.out, table).to_string(index=False))
     per_class = table.groupby("variant")[[c for c in table.columns if c[0].isupper()]].mean()
     print(per_class.T.to_string(float_format=lambda v: f"{v:.3f}"))
