@@ -351,6 +351,12 @@ def ensemble_scores(runs: list[str], args: argparse.Namespace, folds: Path) -> l
     return rows
 
 
+def mean_std(gain: pd.Series) -> str:
+    """``+0.0123 ± 0.0045`` (signed mean, the sample std when there are two values or more)."""
+    std = f" ± {gain.std(ddof=1):.4f}" if len(gain) > 1 else ""
+    return f"{gain.mean():+.4f}{std}"
+
+
 def vote_gain(rows: list[dict]) -> str:
     """The vote's mIoU minus each member's, mean ± std over the members, per TTA setting."""
     frame = pd.DataFrame(rows)
@@ -358,8 +364,7 @@ def vote_gain(rows: list[dict]) -> str:
     for tta_name, group in frame.groupby("tta", sort=False):
         vote = group[group["model"] == group["members"]]["miou"].iloc[0]
         gain = vote - group[group["model"] != group["members"]]["miou"]
-        std = f" ± {gain.std(ddof=1):.4f}" if len(gain) > 1 else ""
-        lines.append(f"{tta_name}: vote {vote:.4f}, vote - member {gain.mean():+.4f}{std} ({len(gain)} runs)")
+        lines.append(f"{tta_name}: vote {vote:.4f}, vote - member {mean_std(gain)} ({len(gain)} runs)")
     return "\n".join(lines)
 
 
@@ -457,8 +462,7 @@ def swa_gain(table: pd.DataFrame) -> str:
         raw = group.set_index("seed")["miou"]
         averaged = table[table["variant"] == variant].set_index("seed")["miou"]
         gain = (averaged - raw).dropna()
-        std = f" ± {gain.std(ddof=1):.4f}" if len(gain) > 1 else ""
-        lines.append(f"{variant} - its last-epoch weights: {gain.mean():+.4f}{std} ({len(gain)} seeds)")
+        lines.append(f"{variant} - its last-epoch weights: {mean_std(gain)} ({len(gain)} seeds)")
     return "\n".join(lines)
 
 
@@ -470,8 +474,7 @@ def pseudo_gain(table: pd.DataFrame) -> str:
     lines = []
     for variant, group in table[table["teacher"].notna()].groupby("variant"):
         gain = group["miou"] - group["teacher_miou"]
-        std = f" ± {gain.std(ddof=1):.4f}" if len(gain) > 1 else ""
-        lines.append(f"{variant} - its teacher (native size): {gain.mean():+.4f}{std} ({len(gain)} seeds)")
+        lines.append(f"{variant} - its teacher (native size): {mean_std(gain)} ({len(gain)} seeds)")
     return "\n".join(lines)
 
 
