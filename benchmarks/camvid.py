@@ -32,7 +32,9 @@ seed's ``u3p`` run (trained or reused first) labels them at threshold 0.9 with c
 trained again on the train split plus those images (``data.extra``), then scored on their real labels. The
 teacher never saw a val label and nothing was chosen on val, so this is the fold-matched round.
 ``u3p_cp``: the recipe with copy-paste (``augment.copy_paste=0.5``: 1-3 instances of the train split, here
-connected components of any class, the class drawn uniformly, resized 0.5-1.5x).
+connected components of any class, the class drawn uniformly, resized 0.5-1.5x); ``u3p_cpthing`` the same
+with only the thing classes pasted (``augment.copy_paste_classes``: Pole, SignSymbol, Car, Pedestrian,
+Bicyclist; not road, sky or building components).
 
 ``--ensemble``: per seed, the val mIoU at native size of each variant's run and of their equal-weight soft
 vote, plain and with hflip + scales TTA (``OUT/ensemble.csv``); ``--ensemble-runs`` the same for named runs,
@@ -85,6 +87,7 @@ from competition.train import train
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
 THIN_AND_RARE = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
 SMP = ["model.params={}"]
+THINGS = ("Pole", "SignSymbol", "Car", "Pedestrian", "Bicyclist")  # CamVid's countable classes
 VARIANTS: dict[str, list[str]] = {
     "u3p": [],  # the recipe: Unet3Plus, DS + CGM, 32 channels per branch
     "u3p_plain": ["model.params={decoder_cat_channels: 32}"],  # no DS, no CGM
@@ -98,6 +101,7 @@ VARIANTS: dict[str, list[str]] = {
     # copy-paste as the README shows it: p 0.5, 1-3 train-split instances (connected components of any
     # class), the class drawn uniformly, resized 0.5-1.5x
     "u3p_cp": ["augment.copy_paste=0.5"],
+    "u3p_cpthing": ["augment.copy_paste=0.5", f"augment.copy_paste_classes=[{','.join(THINGS)}]"],
     # one pseudo-label round: the recipe trained on train + the val images labelled by its seed's u3p run
     # (threshold 0.9 with class-balanced thresholds, class share 0.5); see --help
     "u3p_pseudo": [],

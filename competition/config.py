@@ -268,6 +268,7 @@ class AugmentConfig(_Section):
     ``copy_paste``: probability of pasting 1..``copy_paste_objects`` object instances (COCO annotations of the
     fold's training split) into a training image, resized by a factor in ``copy_paste_scale``, the class drawn
     uniformly first when ``copy_paste_balanced`` (see ``competition.data.copy_paste``).
+    ``copy_paste_classes``: the names of the classes to paste (e.g. the thing classes); ``null``: every class.
     """
 
     size: int | tuple[int, int] | None = None
@@ -284,6 +285,7 @@ class AugmentConfig(_Section):
     copy_paste_objects: int = Field(default=3, ge=1)
     copy_paste_scale: tuple[float, float] = (0.5, 1.5)
     copy_paste_balanced: bool = True
+    copy_paste_classes: list[str] | None = Field(default=None, min_length=1)
 
     @field_validator("size", "eval_size")
     @classmethod
@@ -456,19 +458,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+# data keys holding a path, resolved against the config file's folder
+PATH_KEYS = ("root", "annotations", "merge_map", "cache_dir", "image_dir", "mask_dir", "folds", "exclude")
+
+
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
     data = raw.get("data")
     if isinstance(data, dict):
-        for key in (
-            "root",
-            "annotations",
-            "merge_map",
-            "cache_dir",
-            "image_dir",
-            "mask_dir",
-            "folds",
-            "exclude",
-        ):
+        for key in PATH_KEYS:
             if isinstance(data.get(key), str):
                 data[key] = str((base / os.path.expanduser(data[key])).resolve())
         if isinstance(data.get("extra"), list):

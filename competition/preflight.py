@@ -8,7 +8,7 @@ import torch
 
 from .config import Config, ConfigError
 from .data.images import read_image
-from .data.splits import data_files
+from .data.splits import data_files, paste_classes
 from .runtime import build_model, class_names, main_logits, resolve_device
 
 DECODED = 16  # images decoded (spread over the set); every name is checked to exist
@@ -70,6 +70,10 @@ def check_model(cfg: Config, image_shape: tuple[int, int]) -> None:
 
 
 def preflight(cfg: Config) -> None:
-    """``check_images`` then ``check_model``."""
+    """The class names the config gives, ``check_images`` then ``check_model``."""
+    if cfg.augment.copy_paste:
+        paste_classes(
+            cfg.augment.copy_paste_classes, class_names(cfg), int(cfg.data.background_index() is not None)
+        )
     _, shape = check_images(cfg)
     check_model(cfg, shape)

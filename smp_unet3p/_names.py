@@ -8,5 +8,6 @@ from collections.abc import Iterable
 
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     """``" Did you mean 'a', 'b'?"`` for the choices closest to ``name``, or ``""`` when none is close."""
-    close = difflib.get_close_matches(name.lower(), [c.lower() for c in choices], n=n)
-    return f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    spelled = {choice.lower(): choice for choice in choices}  # matched ignoring case, shown as spelled
+    close = difflib.get_close_matches(name.lower(), list(spelled), n=n)
+    return f" Did you mean {', '.join(repr(spelled[c]) for c in close)}?" if close else ""

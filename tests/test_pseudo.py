@@ -18,6 +18,7 @@ from competition.data.coco import ClassMap, load_coco
 from competition.data.copy_paste import CopyPaste
 from competition.data.splits import build_datasets
 from competition.data.transforms import EpochSeeded
+from competition.preflight import preflight
 from competition.pseudo import coverage_row, make_pseudo, pseudo_mask
 from competition.train import train
 
@@ -208,6 +209,9 @@ def test_copy_paste_keeps_image_and_mask_aligned(tmp_path):
     assert never(target, target_mask, np.random.default_rng(0))[0] is target
     # sources come only from the given image ids (a fold's training split)
     assert len(CopyPaste(coco, {7: 2}, tmp_path, [2], p=1.0)) == 0
+    # sources come only from the listed classes when given
+    assert len(CopyPaste(coco, {7: 2}, tmp_path, [1, 2], p=1.0, classes={2})) == 1
+    assert len(CopyPaste(coco, {7: 2}, tmp_path, [1, 2], p=1.0, classes={1, 3})) == 0
 
 
 def test_copy_paste_draws_classes_evenly_when_balanced(tmp_path):
@@ -240,6 +244,18 @@ def test_copy_paste_in_training_is_reproducible_per_seed_epoch_and_index(synthet
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, masks(train_set, 0, 1)))
     assert not all(torch.equal(a, b) for a, b in zip(first, masks(plain_set, 0, 0)))  # it did paste
+    only, _, _ = build_datasets(
+        config_from_dict(raw, ["augment.copy_paste=1", "augment.copy_paste_classes=[Metal]"]), 0
+    )
+    assert {cls for _, _, cls in only.paste.instances} == {4}  # Metal is class 4
+    assert len(only.paste) < len(train_set.paste)
+    for wrong, message in (("[Metl]", "'Metl' is not an object class of this run. Did you mean 'Metal'"),
+                           ("[Background]", "'Background' is not an object class")):  # fmt: skip
+        cfg = config_from_dict(raw, ["augment.copy_paste=1.0", f"augment.copy_paste_classes={wrong}"])
+        with pytest.raises(ConfigError, match=f"augment.copy_paste_classes: {message}"):
+            build_datasets(cfg, 0)
+        with pytest.raises(ConfigError, match=f"augment.copy_paste_classes: {message}"):
+            preflight(cfg)  # before any run folder exists
     with pytest.raises(ConfigError, match="augment.copy_paste pastes object instances from COCO"):
         config_from_dict(
             {**raw, "data": {"format": "folder", "image_dir": str(tmp_path), "mask_dir": str(tmp_path),

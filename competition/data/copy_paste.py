@@ -4,11 +4,12 @@ annotations of other training images, pasted onto a training image before the al
 Sources are annotations of the given image ids only (a fold's training split, so nothing of the validation
 split leaks in); crowd and empty annotations are skipped. With ``mask_path`` (the mask cache) only an
 instance's visible pixels are pasted: where a smaller object covers part of it in its source image, that part
-is not pasted with its class. With ``balanced`` the class is drawn first (every
-class with instances equally likely), then an instance of it, so rare classes are pasted as often as
-common ones. Each pasted object is resized by a factor drawn from ``scale`` and placed at a random spot
-inside the image; its pixels replace the image's (and the mask gets its class), so image and mask stay
-aligned. All draws come from the ``rng`` the caller passes, seeded per (seed, epoch, index).
+is not pasted with its class. With ``balanced`` the class is drawn first (every class with instances equally
+likely), then an instance of it, so rare classes are pasted as often as common ones. With ``classes`` only
+instances of those classes are sources (on street scenes: the thing classes, not road or sky). Each pasted
+object is resized by a factor drawn from ``scale`` and placed at a random spot inside the image; its pixels
+replace the image's (and the mask gets its class), so image and mask stay aligned. All draws come from the
+``rng`` the caller passes, seeded per (seed, epoch, index).
 
 No maintained package does this for semantic masks from COCO instances: albumentations 2.0 has no
 copy-paste, and the PyPI copy-paste packages are unmaintained forks of one 2021 repository built around
@@ -18,7 +19,7 @@ instance targets (boxes + per-instance masks).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 
 import cv2
@@ -43,6 +44,7 @@ class CopyPaste:
         balanced: bool = True,
         mask_path: Callable[[int], Path] | None = None,
         first_object: int = 1,
+        classes: Collection[int] | None = None,
     ):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"copy-paste probability must be in [0, 1], got {p}")
@@ -57,6 +59,8 @@ class CopyPaste:
             for k, ann in enumerate(coco.annotations.get(image_id, []))
             if not ann["iscrowd"] and category_to_class.get(ann["category_id"], -1) >= first_object
         ]
+        if classes is not None:
+            self.instances = [instance for instance in self.instances if instance[2] in classes]
         self.by_class: dict[int, list[int]] = {}
         for n, (_, _, cls) in enumerate(self.instances):
             self.by_class.setdefault(cls, []).append(n)

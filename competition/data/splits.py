@@ -16,6 +16,8 @@ from typing import Any
 import pandas as pd
 from torch.utils.data import Dataset
 
+from smp_unet3p._names import did_you_mean
+
 from ..config import Config, ConfigError
 from ..runtime import Dist, class_names
 from .transforms import build_eval_transform, build_train_transform
@@ -179,7 +181,7 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
         paste = CopyPaste(
             coco, class_map.category_to_class, cfg.data.root, train_ints, aug.copy_paste,
             aug.copy_paste_objects, aug.copy_paste_scale, aug.copy_paste_balanced, cache.mask_path,
-            class_map.first_object,
+            class_map.first_object, paste_classes(aug.copy_paste_classes, names, class_map.first_object),
         )  # fmt: skip
     train = CocoSegmentationDataset(cache, cfg.data.root, train_ints, train_tf, paste)
     return (
@@ -187,6 +189,23 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
         CocoSegmentationDataset(cache, cfg.data.root, [int(i) for i in val_ids], eval_tf),
         names,
     )
+
+
+def paste_classes(wanted: list[str] | None, names: list[str], first_object: int) -> set[int] | None:
+    """Class ids of ``augment.copy_paste_classes`` (``None``: every class); an unknown name, or the
+    background (never an instance), is an error naming the key."""
+    if wanted is None:
+        return None
+    ids = set()
+    for name in wanted:
+        if name not in names[first_object:]:
+            hint = did_you_mean(name, names[first_object:])
+            raise ConfigError(
+                f"augment.copy_paste_classes: {name!r} is not an object class of this run.{hint} "
+                f"Object classes: {names[first_object:]}"
+            )
+        ids.add(names.index(name))
+    return ids
 
 
 def _with_extra(
