@@ -63,6 +63,10 @@ python benchmarks/camvid.py --out /tmp/camvid --variants u3p_cp --seeds 2 --thre
 #   u3p_cp seed 0, u3p_pseudo seed 0, u3p_noscale seeds 2 and 0, one by one; the summary:
 python benchmarks/camvid.py --out /tmp/camvid --variants u3p,u3p_cp,u3p_noscale,u3p_pseudo --seeds 0,2 \\
     --reference u3p
+python benchmarks/camvid.py --out /tmp/camvid --variants u3p --seeds 1 --threads 2   # then u3p_noscale,
+#   u3p_cp, u3p_pseudo seed 1 and u3p_cpthing seeds 2 and 0, one by one; the summary:
+python benchmarks/camvid.py --out /tmp/camvid --variants u3p,u3p_cp,u3p_noscale,u3p_pseudo,u3p_cpthing \\
+    --seeds 0,1,2 --reference u3p
 
 Runs are deterministic on one machine, not across CPUs: a seed rerun on another machine follows another
 trajectory, so pair runs made on the same machine.
