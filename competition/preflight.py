@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .config import Config, ConfigError
+from .data.classes import ClassMap
 from .data.images import read_image
 from .data.splits import data_files, paste_classes
 from .runtime import build_model, class_names, main_logits, resolve_device
@@ -72,8 +73,7 @@ def check_model(cfg: Config, image_shape: tuple[int, int]) -> None:
 def preflight(cfg: Config) -> None:
     """The class names the config gives, ``check_images`` then ``check_model``."""
     if cfg.augment.copy_paste:
-        paste_classes(
-            cfg.augment.copy_paste_classes, class_names(cfg), int(cfg.data.background_index() is not None)
-        )
+        names = ClassMap(tuple(class_names(cfg)), {}, cfg.data.background_index() is not None)
+        paste_classes(cfg.augment.copy_paste_classes, names)
     _, shape = check_images(cfg)
     check_model(cfg, shape)

@@ -20,6 +20,7 @@ from smp_unet3p._names import did_you_mean
 
 from ..config import Config, ConfigError
 from ..runtime import Dist, class_names
+from .classes import ClassMap
 from .transforms import build_eval_transform, build_train_transform
 
 
@@ -156,7 +157,7 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
         train = _with_extra(cfg, fold, make(train_ids, train_tf), names, labelled, train_tf)
         return train, make(val_ids, eval_tf), names
 
-    from .coco import ClassMap, MaskCache, load_coco, read_merge_map
+    from .coco import MaskCache, load_coco, read_merge_map
     from .copy_paste import CopyPaste
     from .datasets import CocoSegmentationDataset
 
@@ -169,6 +170,7 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
     class_map = ClassMap.build(
         coco.categories, names, merge, str(cfg.data.annotations), cfg.data.background_index() is not None
     )
+    pasted = paste_classes(cfg.augment.copy_paste_classes, class_map) if cfg.augment.copy_paste else None
     cache = MaskCache(coco, class_map, cfg.data.cache_dir or cfg.data.root / ".mask_cache", cfg.data.crowd)
     if dist is None or dist.main:
         cache.build(progress=cfg.train.progress)
@@ -181,7 +183,7 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
         paste = CopyPaste(
             coco, class_map.category_to_class, cfg.data.root, train_ints, aug.copy_paste,
             aug.copy_paste_objects, aug.copy_paste_scale, aug.copy_paste_balanced, cache.mask_path,
-            class_map.first_object, paste_classes(aug.copy_paste_classes, names, class_map.first_object),
+            class_map.first_object, pasted,
         )  # fmt: skip
     train = CocoSegmentationDataset(cache, cfg.data.root, train_ints, train_tf, paste)
     return (
@@ -191,21 +193,18 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
     )
 
 
-def paste_classes(wanted: list[str] | None, names: list[str], first_object: int) -> set[int] | None:
+def paste_classes(wanted: list[str] | None, class_map: ClassMap) -> set[int] | None:
     """Class ids of ``augment.copy_paste_classes`` (``None``: every class); an unknown name, or the
     background (never an instance), is an error naming the key."""
     if wanted is None:
         return None
-    ids = set()
     for name in wanted:
-        if name not in names[first_object:]:
-            hint = did_you_mean(name, names[first_object:])
+        if name not in class_map.objects:
             raise ConfigError(
-                f"augment.copy_paste_classes: {name!r} is not an object class of this run.{hint} "
-                f"Object classes: {names[first_object:]}"
+                f"augment.copy_paste_classes: {name!r} is not an object class of this run."
+                f"{did_you_mean(name, class_map.objects)} Object classes: {list(class_map.objects)}"
             )
-        ids.add(names.index(name))
-    return ids
+    return {class_map.names.index(name) for name in wanted}
 
 
 def _with_extra(
