@@ -80,7 +80,8 @@ def fabricate(
                     logits = rng.normal(0, noise, (classes, size, size)).astype(np.float32)
                     logits[targets[i], rows, cols] += 2.5
                     probs = torch.from_numpy(logits).softmax(0)[None]
-                    writer.add({"image_id": [str(i)], "mask": torch.from_numpy(targets[i])[None]}, probs)
+                    batch = {"image_id": [str(i)], "file_name": [f"{i}.jpg"]}
+                    writer.add(batch | {"mask": torch.from_numpy(targets[i])[None]}, probs)
         dirs.append(out / f"run{r}")
     return dirs
 

@@ -36,7 +36,8 @@ def run_audit(
     did not all finish are refused unless ``allow_partial``."""
     out_dir = Path(out_dir)
     check_writable(out_dir / "audit.csv", overwrite)
-    files, root = data_files(read_run_config(fold_dirs(runs[0])[0]))  # the data the runs trained on
+    # one fold's config stands for the data: every image's file name is then checked against the OOF files
+    files, root = data_files(read_run_config(fold_dirs(runs[0])[0]))
     table = audit_table(runs, files, weights, allow_partial)
     atomic_write_csv(out_dir / "audit.csv", table)
     return table, write_gallery(runs, table, root, out_dir / "gallery", gallery, weights, allow_partial)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .io import atomic_dir, file_hash
+from .runtime import check_weights
 
 __all__ = ["export_bundle", "read_bundle", "Bundle", "BundleError", "OnnxModel", "ONNX_FILE"]
 
@@ -32,6 +33,7 @@ FORMAT = "smp_unet3p-bundle/1"
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 FOLD_FILES = ("config.yaml", "best.safetensors", "best.json", "metrics.csv")
+STRIDE_KEY = "output_stride"  # ONNX metadata: the eager encoder's output stride (inputs are padded to it)
 ONNX_TOLERANCE = 1e-4  # max |logit difference| between onnxruntime and eager, relative to the largest |logit|
 
 
@@ -67,16 +69,32 @@ class OnnxModel(nn.Module):
             import onnxruntime
         except ImportError as exc:
             raise ImportError(
-                "--engine onnxruntime needs onnxruntime: pip install 'smp_unet3p[infer]'"
+                "--engine onnxruntime needs onnxruntime: pip install \"smp-unet3p[infer]\""
             ) from exc
         if not Path(path).is_file():
             raise BundleError(f"{path} not found: export the bundle with --onnx to predict with onnxruntime")
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        stride = self.session.get_modelmeta().custom_metadata_map.get(STRIDE_KEY)
+        # what input sides must divide by, recorded at export (None: a graph exported before it was)
+        self.output_stride = int(stride) if stride else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feed = {self.input_name: x.detach().float().cpu().contiguous().numpy()}
         return torch.from_numpy(self.session.run(None, feed)[0]).to(x.device)
+
+
+def _set_metadata(path: Path, values: dict[str, str]) -> None:
+    """Add ``values`` to an ONNX file's metadata (read back by ``OnnxModel``)."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ImportError('export --onnx needs onnx: pip install "smp-unet3p[infer]"') from exc
+    graph = onnx.load(str(path))
+    for key, value in values.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(graph, str(path))
 
 
 def export_onnx(fold_dir: Path, target: Path) -> float:
@@ -97,6 +115,7 @@ def export_onnx(fold_dir: Path, target: Path) -> float:
             dynamic_axes={"images": axes, "logits": axes}, opset_version=17, dynamo=False,
         )  # fmt: skip
         check = torch.rand(2, cfg.model.in_channels, height + stride, width + 2 * stride)
+        _set_metadata(target, {STRIDE_KEY: str(stride)})
         eager = main_logits(model(check))
     onnx_out = OnnxModel(target)(check)
     difference = float((onnx_out - eager).abs().max() / eager.abs().max().clamp(min=1.0))
@@ -189,11 +208,21 @@ def read_bundle(path: str | os.PathLike) -> Bundle:
             raise BundleError(f"{file} is missing from the bundle")
         if file_hash(file) != digest:
             raise BundleError(f"{file} differs from the file the bundle was made with (hash mismatch)")
+    extra = sorted(
+        p.relative_to(path).as_posix() for p in (path / "runs").rglob("*") if p.is_file()
+    )  # a fold folder added by hand (fold0_old, a retrained fold) would be read as a fold of the run
+    extra = [name for name in extra if name not in manifest["files"]]
+    if extra:
+        raise BundleError(
+            f"{path / extra[0]} is not part of the bundle ({len(extra)} file(s) under runs/ that {MANIFEST} "
+            "does not list): remove them, or export the bundle again"
+        )
     post = manifest.get("postprocess")
+    weights = check_weights([run["weight"] for run in manifest["runs"]], str(path / MANIFEST))
     return Bundle(
         path,
         [path / run["dir"] for run in manifest["runs"]],
-        [float(run["weight"]) for run in manifest["runs"]],
+        weights.tolist(),
         path / post if post else None,
         bool(manifest.get("onnx")),
     )

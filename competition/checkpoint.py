@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,26 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not match the model it is loaded into."""
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Model weights as safetensors (shared tensors deduplicated), written atomically."""
-    return atomic_write(path, lambda tmp: safetensors.torch.save_model(model, str(tmp)))
+WEIGHTS_ORIGIN = "smp_unet3p.origin"  # safetensors metadata key: JSON of the run, fold and folds file
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, origin: dict[str, Any] | None = None) -> Path:
+    """Model weights as safetensors (shared tensors deduplicated), written atomically; ``origin`` (run name,
+    fold, folds and config hashes) goes into the file's metadata, so the file alone says which images its
+    model trained on (``weights_origin``)."""
+    metadata = {WEIGHTS_ORIGIN: json.dumps(origin, sort_keys=True)} if origin else None
+    return atomic_write(path, lambda tmp: safetensors.torch.save_model(model, str(tmp), metadata=metadata))
+
+
+def weights_origin(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``origin`` a weights file was saved with (``save_weights``); ``None`` for a file without one (a
+    foreign checkpoint, or one written before it was recorded)."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"cannot read {path}: {exc}") from exc
+    return json.loads(metadata[WEIGHTS_ORIGIN]) if WEIGHTS_ORIGIN in metadata else None
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
@@ -98,8 +116,11 @@ def load_last(path: str | os.PathLike, device: str | torch.device = "cpu") -> di
         ) from exc
 
 
+ORIGIN_KEYS = ("run", "fold", "config_hash", "folds_hash", "folds")  # of best.json, in the weights file too
+
+
 def write_best(run_dir: Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    save_weights(model, run_dir / BEST_WEIGHTS)
+    save_weights(model, run_dir / BEST_WEIGHTS, {k: meta[k] for k in ORIGIN_KEYS if k in meta})
     atomic_write_text(run_dir / BEST_META, json.dumps(meta, indent=2))
 
 
@@ -143,14 +164,43 @@ def load_fold_model(
     return model.to(device).eval(), cfg, meta
 
 
+FOLD_NAME = re.compile(r"fold(0|[1-9][0-9]*)")  # a fold folder's exact name: fold0, fold1, ... fold12
+
+
+def fold_folders(path: str | os.PathLike, marker: str = CONFIG_FILE) -> dict[int, Path]:
+    """The fold folders of a run folder that hold ``marker``, by fold number. Only folders named exactly
+    ``fold<k>`` count: a backup copy (``fold0_old``, ``fold1 copy``) is never read as a fold (a warning names
+    it). A folder whose ``best.json`` names another fold than its name is an error naming both."""
+    import warnings
+
+    found: dict[int, Path] = {}
+    for p in sorted(Path(path).glob("fold*")):
+        if not (p / marker).is_file():
+            continue
+        match = FOLD_NAME.fullmatch(p.name)
+        if match is None:
+            warnings.warn(f"{p} is not read as a fold: only folders named fold<k> are", stacklevel=2)
+            continue
+        fold = int(match.group(1))
+        recorded = read_best_meta(p).get("fold", fold) if (p / BEST_META).is_file() else fold
+        if int(recorded) != fold:
+            raise CheckpointError(
+                f"{p / BEST_META} records fold {recorded}, but its folder is named {p.name}: a fold folder "
+                f"copied or renamed? Name it fold{recorded}, or move it out of {Path(path)}"
+            )
+        found[fold] = p
+    return dict(sorted(found.items()))
+
+
 def fold_dirs(path: str | os.PathLike) -> list[Path]:
-    """A fold directory itself, or the ``fold*`` directories (with a best checkpoint) of a run directory."""
+    """A fold directory itself, or the ``fold<k>`` directories (with a best checkpoint) of a run directory, in
+    fold order (``fold_folders``)."""
     path = Path(path)
     if (path / BEST_META).is_file():
         return [path]
-    folds = sorted(p for p in path.glob("fold*") if (p / BEST_META).is_file())
+    folds = list(fold_folders(path, BEST_META).values())
     if not folds:
-        raise CheckpointError(f"no trained fold (fold*/{BEST_META}) in {path}")
+        raise CheckpointError(f"no trained fold (fold<k>/{BEST_META}) in {path}")
     return folds
 
 

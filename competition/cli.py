@@ -460,6 +460,11 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(f"hint: {OOM_HINTS.get(args.command, OOM_HINTS['train'])}", file=sys.stderr)
         return 1
+    except ImportError as exc:  # an optional extra not installed: its message says what to install
+        print(f"competition {args.command}: error: {exc}", file=sys.stderr)
+        if not exc.__cause__ and getattr(exc, "name", None):
+            print(f"hint: install {exc.name} (the package's extras: see README, Install)", file=sys.stderr)
+        return 1
     except (
         CocoFormatError,
         OutputExistsError,
@@ -469,7 +474,7 @@ def _run(args: argparse.Namespace) -> int:
         NonFiniteLossError,
         OSError,
         EncoderWeightsError,
-    ) as exc:
+    ) as exc:  # the expected errors: their message names the file, flag or key at fault
         print(f"competition {args.command}: error: {exc}", file=sys.stderr)
         return 1
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .resume import run_config
     from .train import train
 
+    started = time.monotonic()  # train.time_limit counts from here, as the README says
     resume, overrides = args.resume, list(args.overrides)
     if args.init_from is not None:
         overrides.append(f"train.init_from={args.init_from.resolve()}")
@@ -83,9 +85,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("--config is required (or --resume runs/<name> to continue a run)")
     main = os.environ.get("RANK", "0") == "0"
-    preflight(cfg)  # seconds, before any run folder exists
+    epoch_s = preflight(cfg)  # seconds, before any run folder exists
     try:
-        results = train(cfg, args.fold, bool(resume), args.overwrite)
+        results = train(cfg, args.fold, bool(resume), args.overwrite, started, epoch_s)
     except KeyboardInterrupt:
         if main:
             print(interrupted_line(cfg, parse_folds(args.fold, cfg.data.folds)), file=sys.stderr)
@@ -339,29 +341,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"{tuned.nested:.4f} nested -> {args.tune_postprocess}"
         )
     if args.tune_crf is not None:
-        _tune_crf(oof, weights, args.tune_crf, args.overwrite)
+        _tune_crf(oof, weights, args.tune_crf, args.overwrite, fold_weights)
     return 0
 
 
-def _tune_crf(oof: Any, weights: Any, out: Path, overwrite: bool) -> None:
+def _tune_crf(oof: Any, weights: Any, out: Path, overwrite: bool, fold_weights: Any = None) -> None:
     from dataclasses import asdict
 
     import numpy as np
 
     from . import provenance
     from .checkpoint import read_run_config
-    from .crf import tune_crf
+    from .crf import densecrf_module, tune_crf
     from .data.splits import data_files
     from .postprocess import PostProcess
 
     check_writable(out, overwrite)
-    files, root = data_files(read_run_config(oof.infos[0].fold_dirs()[0]))  # the data the runs trained on
-    tuned = tune_crf(oof, files, root, weights)
+    densecrf_module()  # a missing [crf] extra fails here, before a pass over the data
+    # one fold's config stands for the data: tune_crf checks every image's file name against the OOF files
+    files, root = data_files(read_run_config(oof.infos[0].fold_dirs()[0]))
+    tuned = tune_crf(oof, files, root, weights, fold_weights=fold_weights)
     chosen = None if tuned.settings is None else asdict(tuned.settings)
     scores = {"oof_miou_plain": tuned.baseline, "oof_miou_in_sample": tuned.in_sample}
     scores["oof_miou_nested"] = tuned.nested
     w = None if weights is None else [float(v) for v in np.ravel(weights)]
-    block = provenance.record("postprocess", oof.infos, oof.class_names, weights=w, partial=oof.partial)
+    nested = fold_weights is not None
+    block = provenance.record(
+        "postprocess", oof.infos, oof.class_names, weights=w, nested_weights=nested, partial=oof.partial
+    )
     PostProcess(oof.class_names, scores=scores, provenance=block, crf=chosen).save(out, overwrite)
     for row in tuned.table:
         print(f"  CRF {row['setting']}: OOF mIoU {row['oof_miou']:.4f}")

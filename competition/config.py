@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -405,14 +406,16 @@ class Config(_Section):
 
 
 def parse_duration(text: str) -> float:
-    """Seconds of ``"8h30m"``, ``"90m"``, ``"1.5h"``, ``"45s"`` or ``"3600"``."""
-    import re
-
-    parts = re.fullmatch(r"\s*(?:([\d.]+)h)?\s*(?:([\d.]+)m)?\s*(?:([\d.]+)s?)?\s*", text)
+    """Seconds of ``"8h30m"``, ``"8h30"`` (8 h 30 min: a bare number after hours is minutes), ``"90m"``,
+    ``"1.5h"``, ``"45s"`` or ``"3600"``."""
+    number = r"(\d+(?:\.\d*)?|\.\d+)"
+    parts = re.fullmatch(rf"(?:{number}h)?(?:{number}m)?(?:{number}(s?))?", re.sub(r"\s+", "", text))
     if not parts or not any(parts.groups()):
         raise ValueError(f"not a duration: {text!r} (e.g. 8h30m, 90m, 3600)")
-    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
-    return hours * 3600 + minutes * 60 + seconds
+    hours, minutes, seconds, unit = parts.groups()
+    if hours and not minutes and seconds and not unit:  # "8h30"
+        minutes, seconds = seconds, None
+    return sum(float(v or 0) * k for v, k in ((hours, 3600), (minutes, 60), (seconds, 1)))
 
 
 def _fields_of(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:

@@ -65,12 +65,13 @@ CRF_CANDIDATES = tuple(
 )
 
 
-def _densecrf() -> Any:
+def densecrf_module() -> Any:
+    """pydensecrf's ``densecrf`` module; an ``ImportError`` saying how to install it when it is missing."""
     try:
         import pydensecrf.densecrf as densecrf
     except ImportError as exc:
         raise ImportError(
-            "dense CRF needs pydensecrf2: pip install 'smp_unet3p[crf]' (or pydensecrf2)"
+            "dense CRF needs pydensecrf2: pip install \"smp-unet3p[crf]\" (or pydensecrf2)"
         ) from exc
     return densecrf
 
@@ -84,7 +85,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, settings: CrfSettings) -> np
     if image.shape[:2] != (height, width):
         image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
     side = max(height, width)
-    crf = _densecrf().DenseCRF2D(width, height, classes)
+    crf = densecrf_module().DenseCRF2D(width, height, classes)
     unary = -np.log(np.clip(probs.reshape(classes, -1), 1e-6, 1.0)).astype(np.float32)
     crf.setUnaryEnergy(np.ascontiguousarray(unary))
     crf.addPairwiseGaussian(sxy=settings.gaussian_sxy * side, compat=settings.gaussian_compat)
@@ -120,44 +121,55 @@ def tune_crf(
     weights: Sequence[float] | np.ndarray | None = None,
     candidates: Sequence[CrfSettings] = CRF_CANDIDATES,
     progress: bool = True,
+    fold_weights: Mapping[int, np.ndarray] | None = None,
 ) -> CrfTuned:
     """Choose a dense-CRF setting (or none) on the OOF predictions of ``oof`` (an ``OofRuns``; the images
-    under ``image_root``), soft vote with ``weights``. Every candidate runs on every image once; counts are
-    kept per fold, so the nested choices cost nothing more. ``files``: OOF key (image id) -> file name under
-    ``image_root`` (``data.splits.data_files``). With one fold the nested score is NaN."""
+    under ``image_root``), soft vote with ``weights``. Every candidate runs on every image once per distinct
+    weight vector; counts are kept per fold, so the nested choices cost nothing more. ``files``: OOF key
+    (image id) -> file name under ``image_root`` (``data.splits.data_files``), checked against the file names
+    the OOF files record. With one fold the nested score is NaN.
+
+    ``fold_weights``: when ``weights`` were themselves chosen on the OOF predictions, the weights chosen
+    without each fold (``ensemble.WeightSearch.fold_weights``). Fold f's nested score then votes with the
+    weights chosen without f and the CRF setting chosen, with those weights, on the other folds: nothing in
+    it was chosen on fold f (as ``postprocess.Tuner`` does for post-processing)."""
     from .data.coco import safe_join
     from .data.images import read_image
     from .voting import soft_scores
 
+    oof.check_files(files, "the runs' data")  # dense CRF reads each OOF image: the very same file
     options: list[CrfSettings | None] = [None, *candidates]
     classes, ignore = oof.num_classes, oof.ignore_index
-    counts: dict[int, np.ndarray] = {}  # fold -> [option, classes, classes]
+    bases = {None: weights} | {f: (fold_weights or {}).get(f, weights) for f in oof.folds}
+    keys = {b: None if w is None else tuple(np.ravel(w).round(12)) for b, w in bases.items()}
+    votes = {keys[b]: bases[b] for b in bases}  # one vote (and CRF run) per distinct weight vector
+    counts: dict[tuple[Any, int], np.ndarray] = {}  # (weights key, fold) -> [option, classes, classes]
     for key, fold, probs, target in tqdm(oof, total=len(oof), desc="crf", unit="img", disable=not progress):
-        voted = soft_scores(probs, weights)
-        voted = voted / np.maximum(voted.sum(0, keepdims=True), 1e-12)
-        if key not in files:
-            raise ValueError(f"OOF image {key} is not in the runs' data: dense CRF needs the images")
         image = read_image(safe_join(image_root, files[key]))
-        table = counts.setdefault(fold, np.zeros((len(options), classes, classes), np.int64))
-        for i, option in enumerate(options):
-            refined = voted if option is None else dense_crf(image, voted, option)
-            table[i] += confusion(refined.argmax(0), target, classes, ignore)
-    folds = sorted(counts)
-    total = sum(counts.values())
+        for wkey, w in votes.items():
+            voted = soft_scores(probs, w)
+            voted = voted / np.maximum(voted.sum(0, keepdims=True), 1e-12)
+            table = counts.setdefault((wkey, fold), np.zeros((len(options), classes, classes), np.int64))
+            for i, option in enumerate(options):
+                refined = voted if option is None else dense_crf(image, voted, option)
+                table[i] += confusion(refined.argmax(0), target, classes, ignore)
+    folds = sorted({f for _, f in counts})
+
+    def pooled(base: int | None) -> np.ndarray:
+        return sum(c for (k, f), c in counts.items() if k == keys[base] and f != base)
+
+    def choose(without: int | None) -> int:  # ties: no CRF first
+        return int(np.argmax([miou_of(pooled(without)[i]) for i in range(len(options))]))
+
+    total = pooled(None)
     scores = [miou_of(total[i]) for i in range(len(options))]
-
-    def choose(without: int | None) -> int:
-        pooled = sum(c for f, c in counts.items() if f != without)
-        return int(np.argmax([miou_of(pooled[i]) for i in range(len(options))]))  # ties: no CRF first
-
-    best = choose(None)
-    nested_counts = sum(counts[f][choose(f)] for f in folds) if len(folds) > 1 else None
-    nested = miou_of(nested_counts) if nested_counts is not None else float("nan")
+    best, nested_folds = choose(None), folds if len(folds) > 1 else []
+    chosen = {f: choose(f) for f in nested_folds}
+    nested = miou_of(sum(counts[(keys[f], f)][chosen[f]] for f in folds)) if nested_folds else float("nan")
     table = [{"setting": "none" if o is None else asdict(o), "oof_miou": s} for o, s in zip(options, scores)]
-    per_fold = (
-        {f: (miou_of(counts[f][0]), miou_of(counts[f][choose(f)])) for f in folds} if len(folds) > 1 else {}
-    )
+    plain = {f: miou_of(counts[(keys[None], f)][0]) for f in chosen}
+    per_fold = {f: (plain[f], miou_of(counts[(keys[f], f)][c])) for f, c in chosen.items()}
     return CrfTuned(
-        options[best], {f: options[choose(f)] for f in folds} if len(folds) > 1 else {}, scores[0],
-        scores[best], nested, table, per_fold,
+        options[best], {f: options[chosen[f]] for f in nested_folds}, scores[0], scores[best], nested, table,
+        per_fold,
     )  # fmt: skip

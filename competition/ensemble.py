@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,9 +26,10 @@ import pandas as pd
 from . import provenance
 from .checkpoint import CheckpointError
 from .io import atomic_write_text
-from .oof import OofRuns, check_same_classes, stored_class_names
+from .oof import OofRuns, check_same_classes, join_images, stored_class_names, stored_images
 from .oof_sample import OofSample, column_counts, sample_oof, vote_counts
 from .provenance import ProvenanceError
+from .runtime import check_weights
 from .tuning import FoldTable, nested_folds
 from .voting import class_weights
 
@@ -46,6 +48,19 @@ class WeightSearch:
     fold_weights: dict[int, np.ndarray]  # the weights chosen without each fold
     table: pd.DataFrame  # every per-run weight vector tried, best first (in-sample mIoU)
     method: str = "grid"  # the search that chose them: "grid" or "greedy"
+
+
+def grid_step(step: float) -> float:
+    """The weight grid's spacing ``1 / n`` for ``--step`` (0 < step <= 1): as given when ``1 / step`` is
+    whole, else the nearest such spacing, with a warning that says so."""
+    import warnings
+
+    if not (isinstance(step, (int, float)) and math.isfinite(step) and 0 < step <= 1):
+        raise ValueError(f"--step {step}: the weight grid's spacing must be in (0, 1], e.g. 0.1 or 0.25")
+    ticks = max(1, round(1 / step))
+    if not math.isclose(ticks * step, 1.0, rel_tol=1e-9):
+        warnings.warn(f"--step {step} does not divide 1: searching with step 1/{ticks}", stacklevel=3)
+    return 1 / ticks
 
 
 def _simplex(members: int, step: float) -> list[np.ndarray]:
@@ -86,6 +101,7 @@ def search_weights(
     """
     if method not in SEARCHES:
         raise ValueError(f"unknown weight search {method!r}: use one of {SEARCHES}")
+    step = grid_step(step)
     oof = OofRuns(runs, allow_partial)
     members, classes = len(oof.runs), oof.num_classes
     if members < 2:
@@ -224,22 +240,25 @@ def _keep_if_better(sample: OofSample, bases: dict, found: dict, ignore_index: i
 
 @dataclass
 class ProbFiles:
-    """``predict --save-probs`` files opened together (``read_prob_files``)."""
+    """``predict --save-probs`` files opened together (``read_prob_files``), joined by image file name."""
 
     paths: list[Path]
     files: list[Any]
     class_names: list[str]
     blocks: list[dict[str, Any] | None]  # each file's provenance (None: written before provenance)
+    keys: list[list[str]] | None = None  # per file, the key of each wanted image (read_prob_files' order)
 
-    def iterate(self, keys: Sequence[str]) -> Iterator[tuple[str, list[np.ndarray]]]:
-        """``(key, [probabilities of each file])`` for each key (test image id)."""
-        for key in keys:
-            probs = [f[f"pred__{key}"] for f in self.files]
+    def iterate(self, keys: Sequence[str] | None = None) -> Iterator[tuple[str, list[np.ndarray]]]:
+        """``(key, [probabilities of each file])`` per wanted image, in ``read_prob_files``' order (``keys``:
+        the same key in every file, for files made together); the key is the first file's."""
+        rows = zip(*self.keys) if keys is None else ([k] * len(self.files) for k in keys)
+        for row in rows:
+            probs = [f[f"pred__{k}"] for f, k in zip(self.files, row)]
             if len({p.shape for p in probs}) > 1:
                 raise CheckpointError(
-                    f"probability maps of {key} differ in shape: {[p.shape for p in probs]}"
+                    f"probability maps of {row[0]} differ in shape: {[p.shape for p in probs]}"
                 )
-            yield key, probs
+            yield row[0], probs
 
     def background(self) -> int | None:
         """The background class id of the runs the files were made from (``None``: none; files written
@@ -254,16 +273,16 @@ class ProbFiles:
         return [f"{p}: {x}" for p, b in zip(self.paths, self.blocks) for x in (b or {}).get("partial", [])]
 
 
-def read_prob_files(paths: Sequence[str | os.PathLike], keys: Sequence[str]) -> ProbFiles:
-    """Open ``predict --save-probs`` files: their common class names are checked, and every key (test image
-    id) must be in every file, before anything is read."""
+def read_prob_files(
+    paths: Sequence[str | os.PathLike], images: Sequence[tuple[str, tuple[int, int] | None]], what: str
+) -> ProbFiles:
+    """Open ``predict --save-probs`` files: their common class names are checked, and every wanted image
+    (``(file name, (height, width))``, from ``what``, e.g. the test json) must be in every file at that size,
+    found by its file name (``oof.join_images``), before anything is read."""
     files = [np.load(p) for p in paths]
     names = check_same_classes([(str(p), stored_class_names(f, p)) for p, f in zip(paths, files)])
-    for path, f in zip(paths, files):
-        missing = [k for k in keys if f"pred__{k}" not in f.files]
-        if missing:
-            raise CheckpointError(f"{path} has no probabilities for images {missing[:5]}")
-    return ProbFiles([Path(p) for p in paths], files, names, [provenance.from_npz(f) for f in files])
+    keys = [join_images(images, stored_images(f, p), p, what) for p, f in zip(paths, files)]
+    return ProbFiles([Path(p) for p in paths], files, names, [provenance.from_npz(f) for f in files], keys)
 
 
 def save_weights(
@@ -308,19 +327,40 @@ def weights_for_runs(path: str | os.PathLike, runs: Sequence[str | os.PathLike])
     return _weights_in_order(path, [(str(i.dir), i.record()) for i in infos], infos[0].class_names)
 
 
+def read_weights_file(path: str | os.PathLike) -> dict[str, Any]:
+    """``weights.json`` as written by ``evaluate --save-weights``; another file (a ``postprocess.json``, a
+    bundle's manifest) or a broken one is refused in one line naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ProvenanceError(f"cannot read weights file {path}: {exc}") from None
+    missing = [k for k in ("runs", "class_names", "weights") if not isinstance(data, dict) or k not in data]
+    if missing:
+        kind = (data.get(provenance.KEY) or {}).get("kind") if isinstance(data, dict) else None
+        looks = f" (it is a {kind} file)" if kind else ""
+        raise ProvenanceError(
+            f"{path} is not a weights.json{looks}: it has no {missing}. Give the file written by "
+            "`competition evaluate --search-weights --save-weights FILE`"
+            + (", and a postprocess.json to --postprocess" if kind == "postprocess" else "")
+        )
+    return data
+
+
 def _weights_in_order(
     path: str | os.PathLike, members: Sequence[tuple[str, dict[str, Any]]], class_names: Sequence[str] | None
 ) -> np.ndarray:
     """Rows of ``weights.json`` for ``members`` (``(what, run record)``): a member of a run the weights were
     not chosen for, a run without a member, two members of one run, or a member of a run with the same name
     but another config is an error naming both sides."""
-    data = json.loads(Path(path).read_text())
+    data = read_weights_file(path)
     if class_names is not None and data["class_names"] != list(class_names):
         raise ProvenanceError(
             f"{path} holds weights for classes {data['class_names']}, {members[0][0]} has {list(class_names)}"
         )
-    weights = np.asarray(data["weights"], dtype=np.float64)
+    weights = check_weights(data["weights"], str(path))
     chosen = data.get(provenance.KEY, {}).get("runs") or [{"name": Path(r).name} for r in data["runs"]]
+    if len(weights) != len(chosen):
+        raise ProvenanceError(f"{path} holds {len(weights)} weight rows for {len(chosen)} runs")
     index = {r["name"]: k for k, r in enumerate(chosen)}
     order = []
     for what, run in members:
@@ -369,8 +409,8 @@ def ensemble_probs(
     from .voting import vote_mask
 
     coco = load_coco(test_json, None)
-    keys = [str(i) for i in coco.images]
-    files = read_prob_files(paths, keys)
+    images = [(info.file_name, (info.height, info.width)) for info in coco.images.values()]
+    files = read_prob_files(paths, images, str(test_json))
     what = "probability files made from incomplete runs"
     partial = provenance.accept_partial(files.partial(), allow_partial, what, "Make them from finished runs")
     if weights_file is not None:
@@ -382,7 +422,7 @@ def ensemble_probs(
             f"{postprocess} sets a dense CRF, which needs the images: apply it with predict --postprocess"
         )
     rows = []
-    for (_, probs), info in zip(files.iterate(keys), coco.images.values()):
+    for (_, probs), info in zip(files.iterate(), coco.images.values()):
         mask = vote_mask(probs, weights, vote, size or (info.height, info.width))
         rows += submission_rows(info.file_name, post(mask) if post else mask, fmt, size, background)
     expected = [info.file_name for info in coco.images.values()]

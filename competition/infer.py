@@ -106,6 +106,9 @@ def predict(
         bar.close()
         if writer is not None:
             writer.put("image_ids", np.array([str(i) for i in coco.images]))
+            writer.put("file_names", np.array([info.file_name for info in coco.images.values()]))
+            sizes = [(info.height, info.width) for info in coco.images.values()]
+            writer.put("sizes", np.array(sizes, dtype=np.int64).reshape(-1, 2))
             writer.put("class_names", np.array(names))
             block = provenance.record("probs", loaded.infos, names, size=probs_size, **settings)
             writer.put(provenance.KEY, provenance.to_npz(block))

@@ -24,7 +24,16 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .runtime import autocast, collate, normalize_weights, output_stride, pad_to_multiple, sample_id, to_probs
+from .runtime import (
+    autocast,
+    build_model,
+    collate,
+    normalize_weights,
+    output_stride,
+    pad_to_multiple,
+    sample_id,
+    to_probs,
+)
 
 VIEWS = ("identity", "hflip", "vflip", "rot90", "rot180", "rot270")
 
@@ -248,8 +257,10 @@ def load_runs(
                 from .bundle import ONNX_FILE, OnnxModel
 
                 model, cfg, meta = OnnxModel(d / ONNX_FILE), ckpt.read_run_config(d), ckpt.read_best_meta(d)
+                multiple = model.output_stride or output_stride(build_model(cfg, len(meta["classes"]), False))
             else:
                 model, cfg, meta = ckpt.load_fold_model(d, device)
+                multiple = output_stride(model)
             if names is None:
                 names = meta["classes"]
             elif meta["classes"] != names:
@@ -261,7 +272,7 @@ def load_runs(
                     IMAGENET_MEAN if imagenet else None,
                     IMAGENET_STD if imagenet else None,
                     weight=float(run_weight) / len(dirs),
-                    multiple=output_stride(model),  # as validation pads (32 for an ONNX graph)
+                    multiple=multiple,  # as validation pads (an ONNX graph records its model's stride)
                     name=f"{cfg.name}/{d.name}",
                     input_size=cfg.augment.hw(cfg.augment.eval_size),
                     fold=int(meta["fold"]),

@@ -4,6 +4,8 @@ model that cannot run at the training crop fail at once, naming what to fix, and
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .config import Config, ConfigError
@@ -46,16 +48,19 @@ def check_images(cfg: Config) -> tuple[int, tuple[int, int]]:
     return len(names), shape
 
 
-def check_model(cfg: Config, image_shape: tuple[int, int]) -> None:
+def check_model(cfg: Config, image_shape: tuple[int, int]) -> float:
     """The model builds (encoder weights resolve) and runs one forward and backward pass, batch 2, at the
-    training crop (``augment.size``, or full images) on the configured device."""
+    training crop (``augment.size``, or full images) on the configured device; returns its seconds per
+    image (a first pass: slower than later ones, so a cautious guess of the training cost)."""
     size = cfg.augment.size
     height, width = cfg.augment.hw(size) or image_shape
     device = resolve_device(cfg.train.device)
     model = build_model(cfg, len(class_names(cfg))).to(device).train()
     try:
+        started = time.perf_counter()
         output = model(torch.randn(2, cfg.model.in_channels, height, width, device=device))
         main_logits(output).float().mean().backward()
+        return (time.perf_counter() - started) / 2
     except (RuntimeError, ValueError) as exc:
         message = str(exc).strip().splitlines()[0]
         hint = (
@@ -70,10 +75,12 @@ def check_model(cfg: Config, image_shape: tuple[int, int]) -> None:
         ) from None
 
 
-def preflight(cfg: Config) -> None:
-    """The class names the config gives, ``check_images`` then ``check_model``."""
+def preflight(cfg: Config) -> float:
+    """The class names the config gives, ``check_images`` then ``check_model``; returns a guess of one
+    epoch's seconds (every image through a training step), which ``train.time_limit`` budgets for the first
+    epoch before one has run."""
     if cfg.augment.copy_paste:
         names = ClassMap(tuple(class_names(cfg)), {}, cfg.data.background_index() is not None)
         paste_classes(cfg.augment.copy_paste_classes, names)
-    _, shape = check_images(cfg)
-    check_model(cfg, shape)
+    count, shape = check_images(cfg)
+    return count * check_model(cfg, shape)

@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .checkpoint import BEST_META, CONFIG_FILE, CheckpointError, read_best_meta, read_run_config
+from .checkpoint import (
+    BEST_META,
+    CONFIG_FILE,
+    CheckpointError,
+    fold_folders,
+    read_best_meta,
+    read_run_config,
+)
 from .config import Config
 from .io import atomic_write_text, file_hash
 
@@ -146,42 +153,75 @@ def _progress(fold_dir: Path) -> tuple[int, list[float]]:
     return done, table["miou"].tolist() if "miou" in table else []
 
 
-def _fold_number(fold_dir: Path) -> int:
-    if (fold_dir / BEST_META).is_file():
-        return int(read_best_meta(fold_dir)["fold"])
-    digits = fold_dir.name.removeprefix("fold")
-    if not digits.isdigit():
-        raise ProvenanceError(f"{fold_dir} is not a fold directory (fold<k>)")
-    return int(digits)
-
-
 def read_run(path: str | os.PathLike) -> RunInfo:
-    """A run directory (``fold*/`` inside) or one fold directory, with every fold's progress."""
+    """A run directory (``fold<k>/`` inside: ``checkpoint.fold_folders``) or one fold directory, with every
+    fold's progress. Every fold's record must agree (``check_folds_agree``): one run, one config, one folds
+    file."""
     path = Path(path)
     single = (path / CONFIG_FILE).is_file()
-    dirs = [path] if single else sorted(p for p in path.glob("fold*") if (p / CONFIG_FILE).is_file())
+    if single:
+        meta = read_best_meta(path) if (path / BEST_META).is_file() else {}
+        dirs = {int(meta.get("fold", 0)): path}
+    else:
+        dirs = fold_folders(path)
     if not dirs:
-        raise CheckpointError(f"no trained fold (fold*/{CONFIG_FILE}) in {path}")
-    run = None
-    for d in dirs:
-        cfg = read_run_config(d)
-        meta = read_best_meta(d) if (d / BEST_META).is_file() else {}
-        if run is None:
-            folds_hash, expected = meta.get("folds_hash"), meta.get("folds")
-            if (
-                expected is None and not single and Path(cfg.data.folds).is_file()
-            ):  # written before provenance
-                known = folds_record(cfg.data.folds)
-                folds_hash, expected = known["folds_hash"], known["folds"]
-            run = RunInfo(path, cfg.name, config_hash(cfg), folds_hash, None if single else expected)
-            run.background = cfg.data.background_index()
-        fold = _fold_number(d)
+        raise CheckpointError(f"no trained fold (fold<k>/{CONFIG_FILE}) in {path}")
+    records = {fold: _fold_record(d) for fold, d in dirs.items()}
+    check_folds_agree(path, records)
+    # the first fold stands for the run only after check_folds_agree compared every fold with it
+    cfg, meta = records[min(records)]["cfg"], next((r["meta"] for r in records.values() if r["meta"]), {})
+    known = next((r for r in records.values() if r["folds_hash"] is not None), records[min(records)])
+    run = RunInfo(path, cfg.name, config_hash(cfg), known["folds_hash"], None if single else known["folds"])
+    run.background = cfg.data.background_index()
+    run.class_names = meta.get("classes")
+    for fold, d in dirs.items():
+        rec = records[fold]
         done, miou = _progress(d)
-        stopped = patience_spent(miou, cfg.train.patience)
-        run.folds[fold] = FoldInfo(fold, d, done, cfg.train.epochs, bool(meta), stopped)
-        run.class_names = run.class_names or meta.get("classes")
-    assert run is not None
+        stopped = patience_spent(miou, rec["cfg"].train.patience)
+        run.folds[fold] = FoldInfo(fold, d, done, rec["cfg"].train.epochs, bool(rec["meta"]), stopped)
     return run
+
+
+# keys a fold may hold differently from the others and still be the same run (a resume may change them)
+FOLD_MAY_DIFFER = ("patience", "checkpoint_every")
+
+
+def _fold_record(fold_dir: Path) -> dict[str, Any]:
+    """What one fold folder says it trained: its config (and the hash of what must agree across folds), its
+    ``best.json`` and the folds file it trained on (``best.json``'s record; for a fold written before
+    provenance, the folds file as it is now)."""
+    cfg = read_run_config(fold_dir)
+    meta = read_best_meta(fold_dir) if (fold_dir / BEST_META).is_file() else {}
+    folds_hash, folds = meta.get("folds_hash"), meta.get("folds")
+    if meta and folds is None and Path(cfg.data.folds).is_file():
+        folds_hash, folds = folds_record(cfg.data.folds).values()
+    agreed = cfg.model_copy(update={"train": cfg.train.model_copy(update=dict.fromkeys(FOLD_MAY_DIFFER))})
+    return {"cfg": cfg, "meta": meta, "hash": config_hash(agreed), "folds_hash": folds_hash, "folds": folds}
+
+
+def check_folds_agree(run_dir: Path, records: Mapping[int, Mapping[str, Any]]) -> None:
+    """Refuse a run whose folds do not describe one run: every fold's config (less ``FOLD_MAY_DIFFER``),
+    folds file hash and fold list is compared with the first fold's, not only the first fold read. The error
+    names both folds, both values, and for configs the keys that differ."""
+    from .tracking import flat_params
+
+    (first, ref), *others = records.items()
+    for fold, rec in others:
+        if rec["hash"] != ref["hash"]:
+            a, b = (flat_params(r["cfg"].model_dump(mode="json")) for r in (ref, rec))
+            keys = sorted(k for k in a.keys() | b.keys() if k != "output_dir" and a.get(k) != b.get(k))
+            raise ProvenanceError(
+                f"{run_dir}: fold {fold} was trained with another config than fold {first} (config "
+                f"{rec['hash']} vs {ref['hash']}; they differ in {keys}): not one run. Retrain fold {fold} "
+                f"with fold {first}'s config, or move it to a run of its own"
+            )
+        for key, what in (("folds_hash", "folds file"), ("folds", "fold list")):
+            if None not in (rec[key], ref[key]) and rec[key] != ref[key]:
+                raise ProvenanceError(
+                    f"{run_dir}: fold {fold} trained on another {what} than fold {first} ({rec[key]} vs "
+                    f"{ref[key]}): its validation images may be another fold's training images, so the run's "
+                    "out-of-fold predictions do not cover the data once. Retrain the folds on one folds file"
+                )
 
 
 def common_background(runs: Sequence[RunInfo]) -> int | None:

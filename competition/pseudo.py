@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import read_best_meta
 from .data.coco import IGNORE_INDEX, load_coco, write_png
 from .data.datasets import TestImageDataset
 from .data.pseudo_labels import FORMAT, MANIFEST, POOLED
@@ -165,6 +166,7 @@ def make_pseudo(
             "fold_matched": not pooled,
             "folds_hash": folds_hash,
             "folds": None if pooled else [int(k) for k in groups],
+            "teachers": None if pooled else _teachers(loaded.infos, [int(k) for k in groups]),
             KEY: origin,
             "images": items,
         }
@@ -193,6 +195,19 @@ def _shared_folds(infos: Sequence[Any]) -> str:
             "Pass --pooled for one set from every fold model (then train with data.extra_pooled=true)"
         )
     return next(iter(hashes.values()))
+
+
+def _teachers(infos: Sequence[Any], folds: Sequence[int]) -> dict[str, list[dict[str, Any]]]:
+    """Per fold, the record of each teacher model that labelled it: its run, folder, fold and the folds file
+    hash of its own ``best.json`` (each fold's, not the run's first)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for k in folds:
+        for info in (i for i in infos if k in i.folds and i.folds[k].has_best):
+            meta = read_best_meta(info.folds[k].dir)
+            record = {"run": info.name, "dir": str(info.folds[k].dir.resolve()), "fold": int(meta["fold"])}
+            record["folds_hash"] = meta.get("folds_hash", info.folds_hash)
+            out.setdefault(str(k), []).append(record)
+    return out
 
 
 def coverage_summary(coverage: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:

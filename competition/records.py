@@ -20,6 +20,7 @@ def best_meta(
     ``origin`` (``config_hash``, ``folds_hash`` and ``folds`` of the run: see ``competition.provenance``)."""
     iou = {n: (None if math.isnan(row[f"iou_{n}"]) else float(row[f"iou_{n}"])) for n in names}
     return {
+        "run": cfg.name,
         "fold": fold,
         "epoch": row["epoch"],
         "miou": row["miou"],

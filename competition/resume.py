@@ -18,9 +18,9 @@ from typing import Any
 import pandas as pd
 
 from . import checkpoint as ckpt
-from .checkpoint import CheckpointError, fold_dirs, read_run_config
+from .checkpoint import CheckpointError, fold_folders, read_run_config
 from .config import Config, ConfigError, config_from_dict
-from .provenance import VOLATILE_TRAIN_KEYS
+from .provenance import VOLATILE_TRAIN_KEYS, read_run
 from .tracking import flat_params
 
 MAY_CHANGE = (*VOLATILE_TRAIN_KEYS, "checkpoint_every", "patience")
@@ -38,7 +38,9 @@ def run_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) -
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder {run_dir} not found (competition train --resume runs/<name>)")
-    dirs = fold_dirs(run_dir)
+    dirs = list(fold_folders(run_dir).values())  # config.yaml is written before the first epoch ends
+    if not dirs:
+        raise CheckpointError(f"nothing to resume in {run_dir}: no fold<k>/config.yaml (start the run anew)")
     saved = read_run_config(dirs[0])
     if saved.name != run_dir.name:
         raise ConfigError(
@@ -55,6 +57,16 @@ def run_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) -
             f"(--config {dirs[0] / 'config.yaml'} name=NEW ...)"
         )
     return cfg  # each fold checks it against its own config.yaml too (checkpoint.check_resumable)
+
+
+def last_state(run: Any, epochs_done: int) -> dict[str, Any]:
+    """What ``last.ckpt`` holds for a ``train.FoldRun`` after ``epochs_done`` epochs (``restore`` reads it
+    back): model, optimizer, scheduler, scaler, EMA and checkpoint-average states, best score, skipped
+    steps and RNG states."""
+    state = {name: getattr(run, name).state_dict() for name in ("model", "optimizer", "scheduler")}
+    state |= {"scaler": run.scaler.state_dict(), "epoch": epochs_done, "best": run.best}
+    state |= {"ema": run.ema.state_dict() if run.ema is not None else None}
+    return state | {"swa": run.swa.state_dict(), "skipped": run.skips, "rng": ckpt.rng_state()}
 
 
 def restore(run: Any) -> None:
@@ -75,7 +87,7 @@ def restore(run: Any) -> None:
         group["lr"] = base * factor(sched.last_epoch)
     if run.ema is not None and state["ema"] is not None:
         run.ema.load_state_dict(state["ema"])
-    run.swa.load_state_dict(state.get("swa"))
+    run.swa.load_state_dict(state.get("swa"), state["epoch"] - 1)
     run.epoch_done = state["epoch"] - 1
     run.start_epoch, run.best, run.skips = state["epoch"], dict(state["best"]), dict(state["skipped"])
     if (run.run_dir / ckpt.BEST_META).is_file():
@@ -91,36 +103,56 @@ def restore(run: Any) -> None:
 
 
 def init_weights(model: Any, cfg: Config, fold: int, announce: bool = False) -> Any:
-    """Load ``train.init_from`` into a new fold's ``model``: a ``.safetensors`` file as it is, or a run
-    folder's fold-``fold`` best weights. That run must have been trained on the same folds file: its fold-k
-    model never saw fold k's images, which are this fold's validation set. Another folds file is refused
-    (its models trained on this fold's validation images: the validation score would be optimistic) unless
-    ``train.init_any_folds``. Returns ``model``; ``announce`` prints what was loaded."""
+    """Load ``train.init_from`` into a new fold's ``model``: a run folder's fold-``fold`` best weights, or a
+    ``.safetensors`` file. Fold k's validation images must be images the source model never trained on: a
+    run must have trained on the same folds file (its fold-k model never saw fold k's images); a file of
+    ours says in its metadata which run, fold and folds file made it (``checkpoint.weights_origin``), and
+    must be that fold's model of a run on the same folds file. Another folds file, another fold's file, or a
+    file that does not say (a foreign checkpoint) is refused, since the validation score would be
+    optimistic, unless ``train.init_any_folds`` (which the run's config records). Returns ``model``;
+    ``announce`` prints what was loaded."""
     from .io import file_hash
-    from .provenance import read_run
 
     source = cfg.train.init_from
     if not source:
         return model
     path = Path(source)
-    if path.is_file():
-        ckpt.load_weights(model, path)
-        if announce:
-            print(f"fold {fold}: initialised from {path}")
-        return model
-    if not path.is_dir():
+    if path.is_dir():
+        (weights, origin), what = _run_weights(path, fold, source), f"run {source}"
+    elif path.is_file():
+        weights, origin, what = path, ckpt.weights_origin(path), f"weights file {source}"
+    else:
         raise ConfigError(f"train.init_from {source} is neither a weights file nor a run folder")
-    teacher = read_run(path)
-    if fold not in teacher.folds or not teacher.folds[fold].has_best:
-        raise ConfigError(f"train.init_from {source} has no best weights of fold {fold}")
-    if teacher.folds_hash != file_hash(cfg.data.folds) and not cfg.train.init_any_folds:
-        raise ConfigError(
-            f"train.init_from {source} was trained on another folds file than {cfg.data.folds}: its fold "
-            f"{fold} model trained on images that fold {fold} validates on, so the validation score would be "
-            "optimistic. Use the same folds file, or set train.init_any_folds=true to accept it"
-        )
-    weights = teacher.folds[fold].dir / ckpt.BEST_WEIGHTS
+    accept = "set train.init_any_folds=true to accept it"
+    if not cfg.train.init_any_folds:
+        if origin is None:
+            raise ConfigError(
+                f"train.init_from {source} does not record which images its model trained on (a file not "
+                f"written by competition train): fold {fold}'s validation score could be optimistic. Give a "
+                f"run folder or its fold{fold}/best.safetensors, or {accept}"
+            )
+        if origin.get("folds_hash") != file_hash(cfg.data.folds):
+            raise ConfigError(
+                f"train.init_from {what} was trained on another folds file than {cfg.data.folds}: its fold "
+                f"{fold} model trained on images that fold {fold} validates on, so the validation score "
+                f"would be optimistic. Use the same folds file, or {accept}"
+            )
+        if int(origin.get("fold", -1)) != fold:
+            raise ConfigError(
+                f"train.init_from {what} is fold {origin.get('fold')}'s model of run {origin.get('run')!r}: "
+                f"it trained on fold {fold}'s validation images. Give the run folder (each fold starts from "
+                f"its own fold's weights), run the folds one by one with their own files, or {accept}"
+            )
     ckpt.load_weights(model, weights)
     if announce:
         print(f"fold {fold}: initialised from {weights}")
     return model
+
+
+def _run_weights(path: Path, fold: int, source: str) -> tuple[Path, dict[str, Any]]:
+    """A run folder's fold-``fold`` best weights (an error when it has none) and their origin."""
+    teacher = read_run(path)
+    if fold not in teacher.folds or not teacher.folds[fold].has_best:
+        raise ConfigError(f"train.init_from {source} has no best weights of fold {fold}")
+    origin = {"run": teacher.name, "fold": fold, "folds_hash": teacher.folds_hash}
+    return teacher.folds[fold].dir / ckpt.BEST_WEIGHTS, origin

@@ -251,11 +251,32 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def normalize_weights(weights: Sequence[float] | None, count: int) -> np.ndarray:
-    """Ensemble weights for ``count`` members (``None``: equal), checked and scaled to sum 1."""
-    w = np.ones(count) if weights is None else np.asarray(weights, dtype=np.float64)
-    if len(w) != count:
-        raise ValueError(f"{len(w)} weights for {count} ensemble members")
-    if (w < 0).any() or w.sum() <= 0:
-        raise ValueError(f"ensemble weights must be >= 0 with a positive sum, got {list(w)}")
+def check_weights(weights: Any, source: str = "ensemble weights") -> np.ndarray:
+    """``weights`` (per member ``[members]``, or per member and class ``[members, classes]``) as float64,
+    refused unless every one is a finite number >= 0 and the members' weights of every class sum to more
+    than 0 (NaN slips through ``w < 0`` and ``sum <= 0`` alike). ``source`` names where they came from (a
+    file, a flag) in the error."""
+    w = np.asarray(weights, dtype=np.float64)
+    problem = (
+        "are not numbers" if w.ndim not in (1, 2) or not w.size
+        else "include NaN or infinity" if not np.isfinite(w).all()
+        else "include negative values" if (w < 0).any()
+        else "are all zero" + (" for some class" if w.ndim == 2 else "") if (w.sum(0) <= 0).any()
+        else None
+    )  # fmt: skip
+    if problem:
+        raise ValueError(
+            f"{source}: the weights {problem} ({w.tolist()}); weights must be finite, >= 0 and not all zero"
+        )
+    return w
+
+
+def normalize_weights(
+    weights: Sequence[float] | None, count: int, source: str = "ensemble weights"
+) -> np.ndarray:
+    """Ensemble weights for ``count`` members (``None``: equal), checked (``check_weights``) and scaled to
+    sum 1."""
+    w = np.ones(count) if weights is None else check_weights(weights, source)
+    if w.ndim != 1 or len(w) != count:
+        raise ValueError(f"{source}: {len(w)} weights for {count} ensemble members")
     return w / w.sum()

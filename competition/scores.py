@@ -68,6 +68,8 @@ class OofScorer:
 
     def __init__(self, oof: OofRuns, weights: Any = None, files: Mapping[str, str] | None = None):
         self.oof, self.files, self.rows = oof, files, []
+        if files is not None:
+            oof.check_files(files, "the runs' data")
         self.w = class_weights(weights, len(oof.runs), oof.num_classes)
         per_class = weights is not None and np.ndim(weights) == 2
         soft = "soft vote " + (
@@ -147,6 +149,7 @@ def audit_table(
     """Every OOF image with its scores and file name (``files``: image id -> file name), worst first
     (``rank`` 1 = most suspicious)."""
     oof = OofRuns(runs, allow_partial)
+    oof.check_files(files, "the runs' data")
     return _ranked([_audit_row(k, f, files, soft_scores(p, weights), t, oof) for k, f, p, t in oof])
 
 

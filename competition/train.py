@@ -1,11 +1,9 @@
 """Train one fold (or all): a plain loop with AMP, gradient accumulation, EMA, resume and DDP.
 
 Run directory ``<output_dir>/<name>/fold<k>/``: ``config.yaml`` (the resolved config; rebuilds the model);
-``metrics.csv`` (per epoch train/val loss, mIoU, per-class IoU, lr, seconds) and ``curves.png`` (at most
-every ``records.CURVES_EVERY_S`` seconds, and at the end);
-``best.safetensors`` + ``best.json`` (best validation mIoU weights; EMA weights when EMA is on);
-``last.ckpt`` (model, optimizer, scheduler, scaler, EMA, epoch and RNG states for ``--resume``, every
-``train.checkpoint_every`` epochs and after the last); ``oof.npz`` (out-of-fold predictions, ``oof``).
+``metrics.csv`` (per epoch losses, mIoU, per-class IoU, lr, seconds) and ``curves.png``; ``best.safetensors``
++ ``best.json`` (best validation mIoU weights; EMA weights when EMA is on); ``last.ckpt`` (every state
+``--resume`` needs: ``resume.last_state``); ``oof.npz`` (out-of-fold predictions, ``oof``).
 
 Validation: mIoU from the model's eval output (CGM-gated, as inference predicts); the validation loss from the
 ungated logits (``runtime.eval_outputs``). A resumed run never replaces a best checkpoint by a worse one.
@@ -16,12 +14,10 @@ wait until the epoch's files are all written (``io.uninterrupted``).
 Non-finite losses: ``train.nan_policy: stop`` (default) raises ``NonFiniteLossError`` naming the epoch and
 step before anything is saved from that epoch; ``skip`` drops the micro-batch and stops after
 ``train.max_skipped_steps`` consecutive ones. Under DDP every rank takes the same decision (the flag is
-all-reduced), so no rank waits forever for one that stopped. That check is the step's one host sync; loss
-terms stay on the device and the progress bar reads the loss every ``PROGRESS_EVERY`` steps.
+all-reduced). That check is the step's one host sync.
 
-Distributed: ``torchrun --nproc_per_node N -m competition.cli train ...``; each rank trains on its
-``DistributedSampler`` shard, validation is sharded and its confusion matrix and losses all-reduced; only
-rank 0 writes files (out-of-fold predictions are made by rank 0 alone after training).
+Distributed: ``torchrun --nproc_per_node N -m competition.cli train ...``; each rank trains on its shard,
+validation is sharded and all-reduced; only rank 0 writes files (and the out-of-fold predictions).
 """
 
 from __future__ import annotations
@@ -54,7 +50,7 @@ from .oof import OOF_FILE
 from .optim import build_criterion, build_optimizer, build_scheduler
 from .provenance import config_hash, folds_record, patience_spent
 from .records import Curves, best_meta, epoch_line, estimate_line, startup_line
-from .resume import init_weights, restore
+from .resume import init_weights, last_state, restore
 from .runtime import autocast, batch_to_device, build_model, collate, cpu_threads, init_distributed, unwrap
 from .tracking import TRACKING, Trackers
 from .validation import evaluate, write_oof
@@ -87,8 +83,10 @@ class FoldRun:
         resume: bool = False,
         overwrite: bool = False,
         deadline: float | None = None,
+        first_epoch_s: float | None = None,
     ):
         self.cfg, self.fold, self.resuming, self.deadline, self.stopped = cfg, fold, resume, deadline, None
+        self.first_epoch_s = first_epoch_s  # the time limit's guess of an epoch before one has run
         self.ddp, self.device = init_distributed(cfg.train.device)
         self.threads = cpu_threads(cfg.train.threads, cfg.train.workers)
         torch.set_num_threads(self.threads)
@@ -244,11 +242,7 @@ class FoldRun:
         atomic_write_csv(self.run_dir / "metrics.csv", frame)
         self.curves.update(frame, force=epoch + 1 == self.cfg.train.epochs)
         if (epoch + 1) % self.cfg.train.checkpoint_every == 0 or epoch + 1 == self.cfg.train.epochs:
-            state = {name: getattr(self, name).state_dict() for name in ("model", "optimizer", "scheduler")}
-            state |= {"scaler": self.scaler.state_dict(), "epoch": epoch + 1, "best": self.best}
-            state |= {"ema": self.ema.state_dict() if self.ema is not None else None}
-            state |= {"swa": self.swa.state_dict(), "skipped": self.skips, "rng": ckpt.rng_state()}
-            ckpt.save_last(self.run_dir / ckpt.LAST, state)
+            ckpt.save_last(self.run_dir / ckpt.LAST, last_state(self, epoch + 1))
 
     def run(self, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> FoldResult:
         if self.resuming:
@@ -284,7 +278,7 @@ class FoldRun:
                 self.curves.update(pd.DataFrame(self.rows), force=True)
             has_best = (self.run_dir / ckpt.BEST_WEIGHTS).is_file()
             if self.ddp.main and self.cfg.train.oof != "none" and has_best and self.stopped != "time_limit":
-                self.write_oof()
+                write_oof(self)  # the validation fold predicted by the best weights
         self.ddp.barrier()
         rows = pd.DataFrame(self.rows)
         return FoldResult(self.fold, self.run_dir, self.best["miou"], self.best["epoch"], rows, self.stopped)
@@ -293,15 +287,13 @@ class FoldRun:
         """``patience`` (the fold is finished) or ``time_limit`` (to be resumed; rank 0's clock decides)."""
         if patience_spent([r["miou"] for r in self.rows], self.cfg.train.patience):
             return "patience"
-        last = self.rows[-1]["seconds"] if self.rows else 0.0
+        last = self.rows[-1]["seconds"] if self.rows else self.first_epoch_s or 0.0
         late = torch.tensor([self.deadline is not None and time.monotonic() + last > self.deadline])
         if self.ddp.enabled:
             dist.broadcast(late := late.to(self.device), src=0)
-        if not late.item():
-            return None
-        if self.ddp.main:
+        if late.item() and self.ddp.main:
             print(f"fold {self.fold}: train.time_limit leaves no time for epoch {epoch + 1}", flush=True)
-        return "time_limit"
+        return "time_limit" if late.item() else None
 
     def epoch(self, model: nn.Module, epoch: int) -> tuple[dict[str, Any], bool]:
         """Train and validate one epoch: its ``metrics.csv`` row, and whether it is the best so far."""
@@ -327,10 +319,6 @@ class FoldRun:
             self.best = {"miou": row["miou"], "epoch": epoch + 1}
         return row, improved
 
-    def write_oof(self) -> float | None:
-        """Predict the validation fold with the best weights into ``oof.npz``; returns its mIoU."""
-        return write_oof(self)
-
 
 def train_fold(
     cfg: Config,
@@ -339,22 +327,35 @@ def train_fold(
     overwrite: bool = False,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
     deadline: float | None = None,
+    first_epoch_s: float | None = None,
 ) -> FoldResult:
     """Train fold ``fold`` of ``cfg`` into ``cfg.run_dir(fold)`` and write its out-of-fold predictions.
 
     ``resume=True`` continues from ``last.ckpt`` (a finished fold is not retrained); without it an existing
     run directory is an error unless ``overwrite``. ``on_epoch_end(epoch, row)`` runs after each epoch's
-    files are written (rank 0). ``deadline`` (``time.monotonic()``): no epoch starts that would end after it.
+    files are written (rank 0). ``deadline`` (``time.monotonic()``): no epoch starts that would end after it,
+    judged by the last epoch's seconds, or before the fold's first epoch by ``first_epoch_s``.
     """
-    return FoldRun(cfg, fold, resume, overwrite, deadline).run(on_epoch_end)
+    return FoldRun(cfg, fold, resume, overwrite, deadline, first_epoch_s).run(on_epoch_end)
 
 
-def train(cfg: Config, folds: str = "all", resume: bool = False, overwrite: bool = False) -> list[FoldResult]:
-    """Train the requested folds one after the other (until ``train.time_limit``); one result per fold."""
-    deadline = time.monotonic() + cfg.train.time_limit if cfg.train.time_limit else None
-    results = []
+def train(
+    cfg: Config,
+    folds: str = "all",
+    resume: bool = False,
+    overwrite: bool = False,
+    started: float | None = None,
+    first_epoch_s: float | None = None,
+) -> list[FoldResult]:
+    """Train the requested folds one after the other (until ``train.time_limit`` from ``started``, the
+    command's ``time.monotonic()`` start); one result per fold. A fold's first epoch is budgeted as the
+    slowest epoch of the fold before, the first fold's as ``first_epoch_s`` (the preflight's measure)."""
+    deadline = (started or time.monotonic()) + cfg.train.time_limit if cfg.train.time_limit else None
+    results: list[FoldResult] = []
     for k in parse_folds(folds, cfg.data.folds):
-        results.append(train_fold(cfg, k, resume, overwrite, deadline=deadline))
+        results.append(train_fold(cfg, k, resume, overwrite, deadline=deadline, first_epoch_s=first_epoch_s))
         if results[-1].stopped == "time_limit":
             break
+        if len(results[-1].metrics):
+            first_epoch_s = float(results[-1].metrics["seconds"].max())
     return results

@@ -69,9 +69,10 @@ def trained_run(synthetic_data, tmp_path_factory):
     return cfg, results
 
 
-def fake_oof_run(root, name, folds, classes, ignore_index=255):
+def fake_oof_run(root, name, folds, classes, ignore_index=255, file_names=None):
     """A finished run directory whose folds hold ``config.yaml`` (1 epoch), ``metrics.csv``, ``best.json`` and
-    ``oof.npz`` built from given maps (no weights)."""
+    ``oof.npz`` built from given maps (no weights); image ``id`` is the file ``file_names[id]`` (default
+    ``<id>.png``)."""
     from competition.config import config_from_dict
     from competition.oof import OofWriter
 
@@ -85,7 +86,9 @@ def fake_oof_run(root, name, folds, classes, ignore_index=255):
         (d / "best.json").write_text(json.dumps({"fold": fold, "classes": classes}))
         with OofWriter(d / "oof.npz", "probs", None, classes, fold, ignore_index) as writer:
             for image_id, (probs, target) in items.items():
-                batch = {"image_id": [image_id], "mask": torch.as_tensor(target)[None]}
+                file_name = (file_names or {}).get(image_id, f"{image_id}.png")
+                batch = {"image_id": [image_id], "file_name": [file_name]}
+                batch["mask"] = torch.as_tensor(target)[None]
                 writer.add(batch, torch.as_tensor(probs, dtype=torch.float32)[None])
     return root / name
 

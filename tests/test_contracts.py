@@ -63,15 +63,17 @@ def test_oof_runs_of_other_class_order_are_refused_naming_both_lists(tmp_path):
 
 def test_probability_files_of_other_classes_or_without_names_are_refused(tmp_path):
     probs = onehot(np.zeros((2, 2)), 3)
-    np.savez(tmp_path / "a.npz", pred__1=probs, class_names=np.array(["bg", "x", "y"]))
-    np.savez(tmp_path / "b.npz", pred__1=probs, class_names=np.array(["bg", "y", "x"]))
-    np.savez(tmp_path / "old.npz", pred__1=probs)
+    images = {"image_ids": np.array(["1"]), "file_names": np.array(["a.png"]), "sizes": np.array([[2, 2]])}
+    np.savez(tmp_path / "a.npz", pred__1=probs, class_names=np.array(["bg", "x", "y"]), **images)
+    np.savez(tmp_path / "b.npz", pred__1=probs, class_names=np.array(["bg", "y", "x"]), **images)
+    np.savez(tmp_path / "old.npz", pred__1=probs, **images)
+    wanted = [("a.png", (2, 2))]
     with pytest.raises(ckpt.CheckpointError, match="class lists differ"):
-        read_prob_files([tmp_path / "a.npz", tmp_path / "b.npz"], ["1"])
+        read_prob_files([tmp_path / "a.npz", tmp_path / "b.npz"], wanted, "test.json")
     with pytest.raises(ckpt.CheckpointError, match="carries no class_names"):
-        read_prob_files([tmp_path / "a.npz", tmp_path / "old.npz"], ["1"])
-    files = read_prob_files([tmp_path / "a.npz", tmp_path / "a.npz"], ["1"])
-    key, maps = next(files.iterate(["1"]))
+        read_prob_files([tmp_path / "a.npz", tmp_path / "old.npz"], wanted, "test.json")
+    files = read_prob_files([tmp_path / "a.npz", tmp_path / "a.npz"], wanted, "test.json")
+    key, maps = next(files.iterate())
     assert files.class_names == ["bg", "x", "y"] and key == "1" and len(maps) == 2
     assert np.allclose(maps[1], probs) and files.blocks == [None, None]  # written before provenance
 

@@ -58,7 +58,7 @@ def _oof_with_images(tmp_path, name: str, fold0_noise: float = 0.15):
         cv2.imwrite(str(tmp_path / f"{name}_{i}.png"), image)
         files[key] = f"{name}_{i}.png"
         folds[0 if i < 2 else 1][key] = (probs, labels)
-    return OofRuns([fake_oof_run(tmp_path, name, folds, ["left", "right"])]), files
+    return OofRuns([fake_oof_run(tmp_path, name, folds, ["left", "right"], file_names=files)]), files
 
 
 def test_tune_crf_scores_each_fold_with_a_setting_chosen_without_it(tmp_path):

@@ -169,9 +169,9 @@ def _probs_file(path, run, label, classes=("bg", "x", "y"), keys=("1", "2")):
 
     block = record("probs", [read_run(run)], list(classes), size=None, partial=[])
     arrays = {f"pred__{k}": onehot(np.full((4, 4), label), len(classes), 0.9) for k in keys}
-    np.savez(
-        path, **arrays, image_ids=np.array(list(keys)), class_names=np.array(classes), **{KEY: to_npz(block)}
-    )
+    images = {"image_ids": np.array(list(keys)), "file_names": np.array([f"t{k}.png" for k in keys])}
+    images["sizes"] = np.array([[4, 4]] * len(keys))  # as _test_json lists them
+    np.savez(path, **arrays, **images, class_names=np.array(classes), **{KEY: to_npz(block)})
     return path
 
 

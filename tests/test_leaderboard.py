@@ -200,7 +200,8 @@ def test_audit_ranks_planted_label_errors_first(tmp_path):
         items[str(i)] = (onehot(pred, 3, 0.9), target)
         files[str(i)] = f"img{i}.jpg"
     run = fake_oof_run(
-        tmp_path, "r", {0: dict(list(items.items())[:5]), 1: dict(list(items.items())[5:])}, ["bg", "a", "b"]
+        tmp_path, "r", {0: dict(list(items.items())[:5]), 1: dict(list(items.items())[5:])}, ["bg", "a", "b"],
+        file_names=files,
     )
     table = audit_table([run], files)
     assert set(table["file_name"].head(2)) == {"img3.jpg", "img8.jpg"}

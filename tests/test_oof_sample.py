@@ -126,7 +126,8 @@ def test_oof_maps_are_shrunk_to_the_submission_size_by_default_never_enlarged(tm
     with OofWriter(tmp_path / "oof.npz", "probs", 16, ["bg", "a"], 0, 255) as writer:
         for key, side in (("big", 32), ("small", 8)):
             probs = torch.rand(1, 2, side, side).softmax(1)
-            writer.add({"image_id": [key], "mask": torch.ones(1, side, side, dtype=torch.long)}, probs)
+            mask = torch.ones(1, side, side, dtype=torch.long)
+            writer.add({"image_id": [key], "file_name": [f"{key}.png"], "mask": mask}, probs)
     data = np.load(tmp_path / "oof.npz")
     assert data["pred__big"].shape == (2, 16, 16) and data["target__big"].shape == (16, 16)
     assert data["pred__small"].shape == (2, 8, 8) and data["target__small"].shape == (8, 8)

@@ -82,6 +82,7 @@ class PseudoSet:
     fold_matched: bool = False
     folds_hash: str | None = None
     folds: list[int] | None = None
+    teachers: dict[str, list[dict[str, Any]]] | None = None  # fold -> its teacher models' own records
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> PseudoSet:
@@ -112,7 +113,7 @@ class PseudoSet:
             names, root = list(raw["class_names"]), Path(raw["image_root"])
             matched = bool(raw.get("fold_matched", False))
             found = cls(folder, names, root, float(raw["threshold"]), items, matched, raw.get("folds_hash"),
-                        raw.get("folds"))  # fmt: skip
+                        raw.get("folds"), raw.get("teachers"))  # fmt: skip
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ConfigError(f"data.extra: {manifest} is malformed: {exc!r}") from None
         missing = [m for i in items for m in i["masks"].values() if not (folder / m).is_file()]
@@ -153,6 +154,14 @@ class PseudoSet:
             )
         if self.fold_matched and fold not in (self.folds or []):
             raise ConfigError(f"{where} has no labels for fold {fold} (its folds: {self.folds})")
+        for teacher in (self.teachers or {}).get(str(fold), []) if self.fold_matched else []:
+            if teacher.get("folds_hash") != folds_hash or int(teacher.get("fold", fold)) != fold:
+                raise ConfigError(
+                    f"{where}: fold {fold}'s labels were made by {teacher.get('dir')} (fold "
+                    f"{teacher.get('fold')}, folds {teacher.get('folds_hash')}), not by a fold-{fold} model "
+                    f"of this run's folds file ({folds_hash}): it may have trained on fold {fold}'s "
+                    "validation images"
+                )
         same = same_pictures([safe_join(self.image_root, i["file_name"]) for i in self.items], labelled)
         if same:
             shown = [f"{Path(a).name} = {b}" for a, b in same[:3]]

@@ -34,20 +34,30 @@ def _out_channels(module: nn.Module) -> int:
     return convs[-1].out_channels
 
 
+_TAPPED = "_side_output"  # attribute a tapped module holds its output in, during a supervised forward only
+
+
+def _record(module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+    """Forward hook on a tapped decoder block: keep its output while the owner records (a module-level
+    function, not a closure over the model, so that ``copy.deepcopy`` and pickling keep working: the hook
+    belongs to whichever copy of the block runs it)."""
+    if _TAPPED in module.__dict__:
+        module.__dict__[_TAPPED] = output
+
+
 class _SideOutputs:
     """Side heads on ``self._taps()``'s modules; their outputs are recorded by forward hooks only while a
     supervised forward runs (eval mode, export and compile see smp's model)."""
 
     def _add_side_heads(self, deep_supervision: bool, classes: int) -> None:
         self.deep_supervision = deep_supervision
-        self._recording: dict[int, torch.Tensor] | None = None
         self.side_heads = None
         if not deep_supervision:
             return
         taps = self._taps()
         self.side_heads = nn.ModuleList(nn.Conv2d(_out_channels(m), classes, 3, padding=1) for m in taps)
-        for n, module in enumerate(taps):
-            module.register_forward_hook(lambda _module, _args, output, n=n: self._record(n, output))
+        for module in taps:
+            module.register_forward_hook(_record)
         from segmentation_models_pytorch.base import initialization as init
 
         init.initialize_head(self.side_heads)
@@ -55,19 +65,18 @@ class _SideOutputs:
     def _taps(self) -> list[nn.Module]:  # pragma: no cover - each model defines it
         raise NotImplementedError
 
-    def _record(self, n: int, output: torch.Tensor) -> None:
-        if self._recording is not None:
-            self._recording[n] = output
-
     def forward(self, x: torch.Tensor) -> Any:
         if not (self.training and self.side_heads is not None):
             return super().forward(x)
-        self._recording = {}
+        taps = self._taps()
+        for module in taps:
+            module.__dict__[_TAPPED] = None
         try:
             out = super().forward(x)
-            features = [self._recording[n] for n in range(len(self.side_heads))]
+            features = [module.__dict__[_TAPPED] for module in taps]
         finally:
-            self._recording = None
+            for module in taps:
+                module.__dict__.pop(_TAPPED, None)
         masks, labels = out if isinstance(out, tuple) else (out, None)
         size = x.shape[-2:]
         side = [
