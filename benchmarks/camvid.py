@@ -2,10 +2,11 @@
 decoders on the same encoder, trained on the standard train split and scored on the standard val split.
 
 Every variant is the recipe (``competition/configs/camvid_lite0.yaml``, ImageNet EfficientNet-Lite0 from the
-offline package) with only the named overrides. The val split is one fold (``fold 0`` of ``OUT/folds.csv``;
-the train split is fold 1 and is never validated on), and nothing is chosen on it: ``train.keep=last``, so
-the score is the **last** epoch's model, not the best epoch's. Val frames come from one stretch of video
-(sequence 0016E5) that no training frame neighbours, so the split does not leak (grouped folds for CV:
+offline package) with only the named overrides. The val split is one fold (``fold 0`` of
+``OUT/folds.csv``; the train split is ``train``: train-only, never validated on), and nothing is chosen on
+it: ``train.keep=last``, so the score is the **last** epoch's model, not the best epoch's. Val frames come
+from one stretch of video (sequence 0016E5) that no training frame neighbours, so the split does not leak
+(grouped folds for CV:
 ``competition folds --groups`` with the ``sequence`` column of ``splits.csv``).
 
 The score is the 11-class mIoU over the whole val split (one confusion matrix, void pixels ignored) at the
@@ -117,13 +118,13 @@ PSEUDO_SUFFIX, PSEUDO_SHARE = "_pseudo", 0.5
 
 
 def write_folds(data: Path, out: Path) -> Path:
-    """``OUT/folds.csv``: the standard val split as fold 0, the train split as fold 1 (the json's ids)."""
+    """``OUT/folds.csv``: the standard val split as fold 0, the train split as train-only (the json's ids):
+    one complete fold, so later stages need no ``--allow-partial``."""
     images = json.loads((data / "train_all.json").read_text())["images"]
     split = pd.read_csv(data / "splits.csv").set_index("file_name")["split"]
-    rows = [
-        {"image_id": i["id"], "file_name": i["file_name"], "fold": 0 if split[i["file_name"]] == "val" else 1}
-        for i in images
-    ]
+    fold = {"val": "0", "train": "train"}
+    rows = [{"image_id": i["id"], "file_name": i["file_name"], "fold": fold[split[i["file_name"]]]}
+            for i in images]  # fmt: skip
     path = out / "folds.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     return path
@@ -167,8 +168,8 @@ def student_folds(folds: Path) -> Path:
     """``folds_student.csv`` beside ``folds``: the train split only (the val images are the student's
     unlabelled "test" images, which a pseudo set may not share with labelled ones), its first frame as a
     token fold 0 that the loop validates on (nothing is chosen on it: ``train.keep=last``)."""
-    table = pd.read_csv(folds).query("fold == 1").sort_values("file_name")
-    table["fold"] = [0] + [1] * (len(table) - 1)
+    table = pd.read_csv(folds, dtype={"fold": str}).query("fold == 'train'").sort_values("file_name")
+    table["fold"] = ["0"] + ["train"] * (len(table) - 1)
     path = folds.with_name("folds_student.csv")
     table.to_csv(path, index=False)
     return path

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,9 @@ def export_onnx(fold_dir: Path, target: Path) -> float:
     height, width = padded_size(cfg.augment.hw(cfg.augment.eval_size) or (256, 256), stride)
     sample = torch.rand(1, cfg.model.in_channels, height, width)  # the eval size padded to the stride
     axes = {0: "batch", 2: "height", 3: "width"}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # the tracer's notes on smp's shape checks: the export is checked against eager below instead
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
             model, (sample,), str(target), input_names=["images"], output_names=["logits"],
             dynamic_axes={"images": axes, "logits": axes}, opset_version=17, dynamo=False,

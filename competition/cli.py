@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="processes building masks (0 = all cores)")
     p.add_argument("--out", type=Path, default=None, help="statistics folder (default: CACHE/stats)")
     p.add_argument("--overlays", type=int, default=4, help="number of image/mask overlay PNGs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing statistics (reuses the cache)")
     p.set_defaults(func=commands.cmd_prepare)
 
     p = sub.add_parser("folds", help="multilabel-stratified (grouped) k-fold -> folds CSV")
@@ -124,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun --nproc_per_node N -m competition.cli train ...",
     )
     p.add_argument("--config", help="YAML file, or a shipped config's name (e.g. tiny_cpu)")
-    p.add_argument("--fold", default="all", help="fold number, comma-separated numbers, or 'all'")
+    p.add_argument(
+        "--fold", default=None,
+        help="fold number, comma-separated numbers, or 'all' (default: all; with --resume RUN_DIR: the folds "
+        "the run was started for)",
+    )  # fmt: skip
     p.add_argument(
         "--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
         help="continue from each fold's last.ckpt. With RUN_DIR (runs/<name>) the run's own config.yaml is "
@@ -138,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train.init_any_folds=true accepts another), or from one .safetensors file (train.init_from)",
     )  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="start over in an existing run directory")
+    p.add_argument("--data-root", type=Path, default=None, help="images folder: the same as data.root=DIR")
+    p.add_argument("--annotations", type=Path, default=None, help="COCO json: the same as data.annotations=J")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     p.set_defaults(func=commands.cmd_train)
 
@@ -332,6 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of configs/tiny_cpu.yaml")
     p.set_defaults(func=commands.cmd_demo)
+    for action in sub._choices_actions:  # `competition STAGE --help` opens with what the stage does
+        stage = sub.choices[action.dest]
+        stage.description = stage.description or (action.help[:1].upper() + action.help[1:] + ".")
     return parser
 
 
@@ -407,10 +417,15 @@ OOM_HINTS = {
 }
 
 
+_SHOWN: set[str] = set()  # warning lines already printed by this command
+
+
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as short ``warning: ...`` lines, one per line of the message (no source path, no code)."""
+    """Warnings as short ``warning: ...`` lines, one per line of the message (no source path, no code), each
+    once per command (a stage that opens the same runs twice warns once)."""
     for text in str(message).splitlines():
-        if text.strip():
+        if text.strip() and text.strip() not in _SHOWN:
+            _SHOWN.add(text.strip())
             print(f"warning: {text.strip()}", file=sys.stderr)
 
 
@@ -429,14 +444,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    previous = {}
+    if main_thread:  # `&` and nohup start jobs with SIGINT ignored: kill -INT must still stop them cleanly
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _terminate)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    _SHOWN.clear()
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _print_warning
             return _run(args)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -26,12 +26,17 @@ def _class_map(args: argparse.Namespace):
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.images import check_images
     from .data.stats import write_overlays, write_statistics
 
     coco, class_map = _class_map(args)
+    names = [info.file_name for info in coco.images.values()]
+    # before anything is written: a wrong --data-root must not leave a folder with a mask cache in it
+    check_images(args.data_root, names, str(args.annotations), "--data-root", allowed_missing=0.5)
     cache = MaskCache(coco, class_map, args.cache_dir or args.data_root / ".mask_cache", crowd=args.crowd)
-    index = cache.build(workers=args.workers)
     out = args.out or cache.dir / "stats"
+    check_writable(out / "class_stats.csv", args.overwrite)
+    index = cache.build(workers=args.workers)
     stats = write_statistics(cache, out)
     overlays = write_overlays(cache, args.data_root, out, count=args.overlays)
     print(f"masks: {len(index)} images in {cache.dir}")
@@ -67,13 +72,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import ConfigError, load_config
     from .data.splits import parse_folds
     from .preflight import preflight
-    from .resume import run_config
+    from .resume import finished_fold, run_config, started_folds
     from .train import train
 
     started = time.monotonic()  # train.time_limit counts from here, as the README says
     resume, overrides = args.resume, list(args.overrides)
     if args.init_from is not None:
         overrides.append(f"train.init_from={args.init_from.resolve()}")
+    for flag, key in ((args.data_root, "data.root"), (args.annotations, "data.annotations")):
+        if flag is not None:  # the flags every other stage takes, as their config keys
+            overrides.append(f"{key}={flag.resolve()}")
     if isinstance(resume, str) and "=" in resume and not Path(resume).is_dir():
         resume, overrides = True, [resume, *overrides]  # `--resume key=value`: an override, not a folder
     if isinstance(resume, str):
@@ -85,12 +93,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("--config is required (or --resume runs/<name> to continue a run)")
     main = os.environ.get("RANK", "0") == "0"
-    epoch_s = preflight(cfg)  # seconds, before any run folder exists
+    # a resumed run continues the folds it was started for, unless --fold says otherwise
+    spec = args.fold or (",".join(map(str, started_folds(resume))) if isinstance(resume, str) else "all")
+    folds = parse_folds(spec, cfg.data.folds)
+    finished = bool(resume) and all(finished_fold(cfg, k) for k in folds)
+    epoch_s = None if finished else preflight(cfg)  # seconds, before any run folder exists
     try:
-        results = train(cfg, args.fold, bool(resume), args.overwrite, started, epoch_s)
+        results = train(cfg, folds, bool(resume), args.overwrite, started, epoch_s)
     except KeyboardInterrupt:
         if main:
-            print(interrupted_line(cfg, parse_folds(args.fold, cfg.data.folds)), file=sys.stderr)
+            print(interrupted_line(cfg, folds), file=sys.stderr)
         return 130
     for r in results if main else []:
         early = f" (train.patience: stopped after epoch {len(r.metrics)})" if r.stopped == "patience" else ""
@@ -168,7 +180,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .bundle import bundle_size, export_bundle
+    from .runtime import stage_threads
 
+    what = "the eager models and ONNX graphs" if args.onnx else "the runs' files"
+    print(f"export: {len(args.runs)} run(s) to {args.out}, {what}, {stage_threads()} threads", flush=True)
     manifest = export_bundle(
         args.runs,
         args.out,
@@ -298,9 +313,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .ensemble import save_weights, search_weights
     from .oof import OofRuns
     from .postprocess import Tuner
+    from .runtime import stage_threads
     from .scores import OofScorer
 
     weights, fold_weights = _floats(args.weights), None
+    print(f"evaluate: {len(args.runs)} run(s), {stage_threads()} threads", flush=True)
     table = lambda frame: frame.to_string(index=False, float_format=lambda v: f"{v:.4f}")  # noqa: E731
     partial = args.allow_partial
     if args.search_weights:

@@ -429,19 +429,19 @@ def _fields_of(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_errors(exc: ValidationError, source: str) -> ConfigError:
-    lines = []
+def _format_errors(exc: ValidationError, source: str, overrides: list[str] = ()) -> ConfigError:
+    """One line per problem: a key an override set is blamed on the override, the others on ``source``."""
+    given, lines, rest = {item.partition("=")[0].strip(): item for item in overrides}, [], []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not str(p).startswith(("literal[", "function-")))
         key = ".".join(map(str, loc)) or "<top level>"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key.{did_you_mean(str(loc[-1]), _fields_of(Config, loc[:-1]))}")
-        elif err["type"] == "missing":
-            lines.append(f"{key}: required key is missing")
-        else:
-            message = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {message} (got {err.get('input')!r})")
-    return ConfigError(f"invalid config {source}:\n  " + "\n  ".join(dict.fromkeys(lines)))
+        text = (f"unknown key.{did_you_mean(str(loc[-1]), _fields_of(Config, loc[:-1]))}"
+                if err["type"] == "extra_forbidden" else "required key is missing" if err["type"] == "missing"
+                else f"{err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})")  # fmt: skip
+        blame = next((v for k, v in given.items() if f"{key}.".startswith(f"{k}.")), None)
+        (lines if blame else rest).append(f"override {blame}: {text}" if blame else f"{key}: {text}")
+    rest = [f"invalid config {source}:\n  " + "\n  ".join(dict.fromkeys(rest))] if rest else []
+    return ConfigError("\n".join(dict.fromkeys(lines + rest)))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -493,7 +493,7 @@ def config_from_dict(
     try:
         return Config.model_validate(raw)
     except ValidationError as exc:
-        raise _format_errors(exc, source) from None
+        raise _format_errors(exc, source, overrides or []) from None
 
 
 def find_config(name_or_path: str | os.PathLike) -> Path:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import provenance
 from .predictor import Ensemble, InferenceOptions, image_loader, iterate_predictions, load_runs
-from .runtime import normalize_weights
+from .runtime import normalize_weights, stage_threads
 
 
 def predict(
@@ -51,6 +51,7 @@ def predict(
     """
     from .data.coco import folder_index, load_coco, safe_join
     from .data.datasets import TestImageDataset, read_image
+    from .data.images import check_images
     from .data.stats import save_panels
     from .io import NpzStreamWriter, check_writable
     from .postprocess import PostProcess
@@ -62,6 +63,8 @@ def predict(
     if save_probs:
         check_writable(save_probs, overwrite)
     coco = folder_index(test_json) if Path(test_json).is_dir() else load_coco(test_json, data_root)
+    image_names = [info.file_name for info in coco.images.values()]
+    check_images(data_root, image_names, str(test_json), "--data-root")  # before any model loads
     loaded = load_runs(runs, weights, device, allow_partial, engine)
     specs, names = loaded.specs, loaded.names
     post = PostProcess.load(postprocess, names, loaded.background) if postprocess else None
@@ -72,6 +75,10 @@ def predict(
         "tile": opts.tile,
         "partial": loaded.partial,
     }
+    threads = stage_threads(workers)
+    views = len(opts.views) * len(opts.scales)
+    print(f"predict: {len(coco.images)} images x {len(specs)} models x {views} views on {device}, {threads} "
+          f"threads, {workers} workers", flush=True)  # fmt: skip
     for spec in specs:
         if opts.channels_last:
             spec.model.to(memory_format=torch.channels_last)

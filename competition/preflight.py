@@ -9,12 +9,10 @@ import time
 import torch
 
 from .config import Config, ConfigError
+from .data import images
 from .data.classes import ClassMap
-from .data.images import read_image
 from .data.splits import data_files, paste_classes
 from .runtime import build_model, class_names, main_logits, resolve_device
-
-DECODED = 16  # images decoded (spread over the set); every name is checked to exist
 
 
 class PreflightError(ConfigError):
@@ -22,30 +20,15 @@ class PreflightError(ConfigError):
 
 
 def check_images(cfg: Config) -> tuple[int, tuple[int, int]]:
-    """Every image the data names exists and ``DECODED`` of them decode; returns the image count and the
-    first decoded image's ``(height, width)``."""
+    """Every image the data names exists and ``DECODED`` of them decode (``data.images.check_images``);
+    returns the image count and the first decoded image's ``(height, width)``."""
     files, root = data_files(cfg)
     source = cfg.data.image_dir if cfg.data.format == "folder" else cfg.data.annotations
-    names = sorted(files.values())
-    if not names:
-        raise PreflightError(f"{source} names no images")
-    missing = [n for n in names if not (root / n).is_file()]
-    if missing:
-        raise PreflightError(
-            f"{len(missing)} of the {len(names)} images named by {source} are not under {root} (data.root): "
-            f"{missing[:3]}{' ...' if len(missing) > 3 else ''}"
-        )
-    shape, bad = None, []
-    for name in names[:: max(1, len(names) // DECODED)][:DECODED]:
-        try:
-            image = read_image(root / name)
-        except OSError as exc:
-            bad.append(str(exc))
-            continue
-        shape = shape or image.shape[:2]
-    if bad:
-        raise PreflightError(f"{len(bad)} of the images tried do not decode: {bad[:3]}")
-    return len(names), shape
+    flag = "data.image_dir" if cfg.data.format == "folder" else "data.root"
+    try:
+        return images.check_images(root, sorted(files.values()), str(source), flag)
+    except OSError as exc:  # MissingImagesError included: a preflight error says it is found before training
+        raise PreflightError(str(exc)) from None
 
 
 def check_model(cfg: Config, image_shape: tuple[int, int]) -> float:
@@ -55,17 +38,25 @@ def check_model(cfg: Config, image_shape: tuple[int, int]) -> float:
     size = cfg.augment.size
     height, width = cfg.augment.hw(size) or image_shape
     device = resolve_device(cfg.train.device)
-    model = build_model(cfg, len(class_names(cfg))).to(device).train()
+    try:
+        model = build_model(cfg, len(class_names(cfg))).to(device).train()
+    except ValueError as exc:
+        if "downsampling pattern" not in str(exc):
+            raise
+        raise PreflightError(
+            f"encoder {cfg.model.encoder_name} cannot feed {cfg.model.arch}: {exc} A plain ViT has no "
+            "feature pyramid; use a hierarchical timm encoder (tu-swin_*, tu-convnext_*, tu-efficientnet_*)"
+        ) from None
     try:
         started = time.perf_counter()
         output = model(torch.randn(2, cfg.model.in_channels, height, width, device=device))
         main_logits(output).float().mean().backward()
         return (time.perf_counter() - started) / 2
-    except (RuntimeError, ValueError) as exc:
-        message = str(exc).strip().splitlines()[0]
+    except (RuntimeError, ValueError, AssertionError) as exc:  # timm asserts the input size of ViT / Swin
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
         hint = (
             " The encoder is built for one input size: set model.params.dynamic_img_size=true (timm "
-            "ViT/Swin/MaxViT encoders) or train at its img_size."
+            f"ViT/Swin/MaxViT encoders) or model.params.img_size={height} (or train at its img_size)."
             if "match model" in message or "img_size" in message
             else " Change augment.size (a multiple of the encoder's output stride, usually 32) or the model."
         )

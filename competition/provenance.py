@@ -73,9 +73,10 @@ def config_hash(cfg: Config) -> str:
 
 
 def folds_record(path: str | os.PathLike) -> dict[str, Any]:
-    """``folds_hash`` and ``folds`` (fold numbers) of a folds file, for ``best.json``."""
-    table = pd.read_csv(path, usecols=["fold"])
-    return {"folds_hash": file_hash(path), "folds": sorted(int(f) for f in table["fold"].unique())}
+    """``folds_hash`` and ``folds`` (the validation fold numbers) of a folds file, for ``best.json``."""
+    from .data.splits import read_folds_table, validation_folds
+
+    return {"folds_hash": file_hash(path), "folds": validation_folds(read_folds_table(path))}
 
 
 @dataclass

@@ -32,10 +32,12 @@ from tqdm.auto import tqdm
 from .checkpoint import read_best_meta
 from .data.coco import IGNORE_INDEX, load_coco, write_png
 from .data.datasets import TestImageDataset
+from .data.images import check_images
 from .data.pseudo_labels import FORMAT, MANIFEST, POOLED
 from .io import OutputExistsError, atomic_dir, atomic_write_csv, atomic_write_text
 from .predictor import Ensemble, InferenceOptions, image_loader, iterate_group_predictions, load_runs
 from .provenance import KEY, ProvenanceError, record
+from .runtime import stage_threads
 
 
 def pseudo_mask(probs: torch.Tensor, threshold: float) -> np.ndarray:
@@ -103,8 +105,13 @@ def make_pseudo(
     coco = load_coco(test_json, data_root)
     if not coco.images:
         raise ValueError(f"test set {test_json} has no images to pseudo-label")
+    image_names = [info.file_name for info in coco.images.values()]
+    check_images(data_root, image_names, str(test_json), "--data-root")  # before any model loads
     loaded = load_runs(runs, weights, device, allow_partial)
     names, opts = loaded.names, opts or InferenceOptions()
+    threads = stage_threads(workers)
+    print(f"pseudo: {len(coco.images)} images x {len(loaded.specs)} models on {device}, {threads} threads, "
+          f"{workers} workers", flush=True)  # fmt: skip
     folds_hash = None if pooled else _shared_folds(loaded.infos)
     groups = {POOLED: loaded.specs} if pooled else {str(k): s for k, s in loaded.by_fold().items()}
     ensembles = {key: Ensemble(specs, opts) for key, specs in groups.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,19 @@ import pandas as pd
 
 from .config import Config
 from .io import atomic_write
+
+
+@dataclass
+class FoldResult:
+    """What training one fold gave: its best mIoU and epoch, its ``metrics.csv`` rows, and why it stopped
+    (``"patience"``: finished early; ``"time_limit"``: to be resumed; ``None``: all its epochs)."""
+
+    fold: int
+    run_dir: Path
+    best_miou: float
+    best_epoch: int
+    metrics: pd.DataFrame
+    stopped: str | None = None
 
 
 def best_meta(
@@ -92,8 +106,8 @@ def write_curves(metrics: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(metrics["epoch"], metrics["train_loss"], label="train")
-    axes[0].plot(metrics["epoch"], metrics["val_loss"], label="val")
+    axes[0].plot(metrics["epoch"], metrics["train_loss"], marker=".", label="train")
+    axes[0].plot(metrics["epoch"], metrics["val_loss"], marker=".", label="val")
     axes[0].set_title("loss")
     axes[0].legend()
     axes[1].plot(metrics["epoch"], metrics["miou"], marker="o")

@@ -35,6 +35,7 @@ h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top
 table{border-collapse:collapse;margin:8px 0;font-size:.9em}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}img{max-width:100%;display:block;margin:8px 0}.note{color:#666;font-size:.9em}
+td{max-width:36em;overflow-wrap:anywhere}.partial{color:#a40000}
 """
 # the browser check (tests/test_report.py) reads these attributes after the page has loaded
 CHECK = """<script>
@@ -104,8 +105,10 @@ def curves_figure(runs: Sequence[Path]) -> str:
                 continue
             m = pd.read_csv(d / "metrics.csv")
             line = ax_miou.plot(m["epoch"], m["miou"], marker=".", label=d.name)[0]
-            ax_loss.plot(m["epoch"], m["train_loss"], color=line.get_color(), label=f"{d.name} train")
-            ax_loss.plot(m["epoch"], m["val_loss"], color=line.get_color(), ls="--", label=f"{d.name} val")
+            # markers, so that a run of one epoch shows its point
+            colour = line.get_color()
+            ax_loss.plot(m["epoch"], m["train_loss"], color=colour, marker=".", label=f"{d.name} train")
+            ax_loss.plot(m["epoch"], m["val_loss"], color=colour, ls="--", marker=".", label=f"{d.name} val")
         ax_miou.set_title(f"{run.name}: validation mIoU")
         ax_loss.set_title(f"{run.name}: loss (train solid, val dashed)")
         ax_loss.set_yscale("log")
@@ -190,6 +193,15 @@ def distribution_figure(
     return _png(fig)
 
 
+def partial_note(problems: Sequence[str]) -> list[str]:
+    """A warning paragraph for a run used with ``--allow-partial`` (nothing when it is complete)."""
+    if not problems:
+        return []
+    items = "".join(f"<li>{html.escape(p)}</li>" for p in problems)
+    return [f'<p class="partial"><b>Partial run</b> (--allow-partial): these scores cover only the folds '
+            f"that finished.</p><ul class=\"partial\">{items}</ul>"]  # fmt: skip
+
+
 def build_report(
     runs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -223,6 +235,7 @@ def build_report(
         "<h2>Out-of-fold scores</h2>",
         '<p class="note">Each image is scored by the fold model that never trained on it: the CV score of '
         "each run's fold ensemble, and of the runs' soft / hard vote.</p>",
+        *partial_note(scores.partial),
         _table(scores.frame()),
     ]
     names = scores.class_names

@@ -11,6 +11,7 @@ else would silently train something other than the run it continues, and is refu
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import pandas as pd
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError, fold_folders, read_run_config
 from .config import Config, ConfigError, config_from_dict
-from .provenance import VOLATILE_TRAIN_KEYS, read_run
+from .io import atomic_write_text
+from .provenance import VOLATILE_TRAIN_KEYS, patience_spent, read_run
+from .records import FoldResult
 from .tracking import flat_params
 
 MAY_CHANGE = (*VOLATILE_TRAIN_KEYS, "checkpoint_every", "patience")
@@ -57,6 +60,50 @@ def run_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) -
             f"(--config {dirs[0] / 'config.yaml'} name=NEW ...)"
         )
     return cfg  # each fold checks it against its own config.yaml too (checkpoint.check_resumable)
+
+
+RUN_RECORD = "run.json"  # runs/<name>/run.json: the folds the run was started for
+
+
+def record_folds(cfg: Config, folds: list[int]) -> list[int]:
+    """Add ``folds`` to the folds ``cfg``'s run was started for (``RUN_RECORD``, written by rank 0), so that
+    ``train --resume RUN_DIR`` continues exactly those; returns ``folds``."""
+    run_dir = cfg.output_dir / cfg.name
+    if os.environ.get("RANK", "0") == "0":
+        known = started_folds(run_dir) if (run_dir / RUN_RECORD).is_file() else []
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / RUN_RECORD, json.dumps({"folds": sorted({*known, *folds})}) + "\n")
+    return list(folds)
+
+
+def started_folds(run_dir: str | os.PathLike) -> list[int]:
+    """The folds a run was started for (``record_folds``); for a run made before the record, its fold
+    folders."""
+    path = Path(run_dir) / RUN_RECORD
+    if path.is_file():
+        try:
+            return [int(k) for k in json.loads(path.read_text())["folds"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path} is malformed ({exc!r}): give --fold to say which folds") from None
+    return list(fold_folders(run_dir))
+
+
+def finished_fold(cfg: Config, fold: int) -> FoldResult | None:
+    """Fold ``fold`` of ``cfg``'s run as a ``FoldResult`` when it has nothing left to do (every epoch, or
+    ``train.patience`` spent, its best weights and its OOF file when ``train.oof`` asks for one), checked
+    against its ``config.yaml`` as a resume is; ``None`` when it still has work."""
+    run_dir = cfg.run_dir(fold)
+    metrics, needed = run_dir / "metrics.csv", [ckpt.BEST_META, ckpt.LAST, ckpt.CONFIG_FILE]
+    needed += [] if cfg.train.oof == "none" else ["oof.npz"]
+    if not metrics.is_file() or not all((run_dir / name).is_file() for name in needed):
+        return None
+    ckpt.check_resumable(cfg, read_run_config(run_dir), run_dir)
+    rows = pd.read_csv(metrics)
+    early = patience_spent(rows["miou"].tolist(), cfg.train.patience)
+    if len(rows) < cfg.train.epochs and not early:
+        return None
+    best = ckpt.read_best_meta(run_dir)
+    return FoldResult(fold, run_dir, best["miou"], best["epoch"], rows, "patience" if early else None)
 
 
 def last_state(run: Any, epochs_done: int) -> dict[str, Any]:

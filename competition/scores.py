@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +36,19 @@ class OofScores:
     votes: list[str]  # [soft vote name, "hard vote"] with several runs, else empty
     class_names: list[str]
     audit: pd.DataFrame | None = None  # with ``files``: every image ranked as ``audit_table`` ranks them
+    partial: list[str] = field(default_factory=list)  # problems accepted with --allow-partial
 
     def frame(self) -> pd.DataFrame:
-        """mIoU and pixel accuracy of each run per fold and over all folds, and of the votes overall."""
+        """mIoU and pixel accuracy of each run per fold and over all folds, and of the votes overall. The
+        overall rows say which folds they cover: ``all folds`` for complete runs, else ``folds 0,1
+        (partial)``."""
+        folds = sorted(self.table.folds)
+        every = f"folds {','.join(map(str, folds))} (partial)" if self.partial else "all folds"
         rows = []
         for run in self.runs:
-            rows += [_row(run, f"fold{f}", self.table.matrix(run, [f])) for f in sorted(self.table.folds)]
-            rows.append(_row(run, "all folds", self.table.matrix(run)))
-        rows += [_row(name, "all folds", self.table.matrix(name)) for name in self.votes]
+            rows += [_row(run, f"fold{f}", self.table.matrix(run, [f])) for f in folds]
+            rows.append(_row(run, every, self.table.matrix(run)))
+        rows += [_row(name, every, self.table.matrix(name)) for name in self.votes]
         return pd.DataFrame(rows)
 
 
@@ -92,7 +97,7 @@ class OofScorer:
     def result(self) -> OofScores:
         audit = None if self.files is None else _ranked(self.rows)
         names = [r.name for r in self.oof.runs]
-        return OofScores(self.table, names, self.votes, self.oof.class_names, audit)
+        return OofScores(self.table, names, self.votes, self.oof.class_names, audit, list(self.oof.partial))
 
 
 def evaluate_oof(

@@ -26,8 +26,6 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,8 +47,8 @@ from .metrics import ConfusionMatrix
 from .oof import OOF_FILE
 from .optim import build_criterion, build_optimizer, build_scheduler
 from .provenance import config_hash, folds_record, patience_spent
-from .records import Curves, best_meta, epoch_line, estimate_line, startup_line
-from .resume import init_weights, last_state, restore
+from .records import Curves, FoldResult, best_meta, epoch_line, estimate_line, startup_line
+from .resume import finished_fold, init_weights, last_state, record_folds, restore
 from .runtime import autocast, batch_to_device, build_model, collate, cpu_threads, init_distributed, unwrap
 from .tracking import TRACKING, Trackers
 from .validation import evaluate, write_oof
@@ -60,16 +58,6 @@ PROGRESS_EVERY = 10  # steps between progress-bar loss updates (each one reads t
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
-
-
-@dataclass
-class FoldResult:
-    fold: int
-    run_dir: Path
-    best_miou: float
-    best_epoch: int
-    metrics: pd.DataFrame
-    stopped: str | None = None  # "patience" (finished early) or "time_limit" (to be resumed)
 
 
 class FoldRun:
@@ -91,7 +79,7 @@ class FoldRun:
         self.threads = cpu_threads(cfg.train.threads, cfg.train.workers)
         torch.set_num_threads(self.threads)
         self.run_dir = cfg.run_dir(fold)
-        self._prepare_dir(overwrite)
+        self._prepare_dir(overwrite, create=False)  # refused at once; the folder is made once all is set up
         torch.manual_seed(cfg.train.seed)
         np.random.seed(cfg.train.seed % 2**32)
         if cfg.train.deterministic:
@@ -102,6 +90,7 @@ class FoldRun:
         self.train_set, self.val_set, self.names = build_datasets(cfg, fold, self.ddp)
         model = build_model(cfg, len(self.names))
         self.model = init_weights(model, cfg, fold, announce=self.ddp.main and not resume).to(self.device)
+        self._prepare_dir(overwrite)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         multi_avg = get_ema_multi_avg_fn(cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -118,7 +107,7 @@ class FoldRun:
         self.curves = Curves(self.run_dir / "curves.png")
 
     # ------------------------------------------------------------------------------------------- setup
-    def _prepare_dir(self, overwrite: bool) -> None:
+    def _prepare_dir(self, overwrite: bool, create: bool = True) -> None:
         if not self.ddp.main:
             return
         if (self.run_dir / ckpt.LAST).exists() and not (self.resuming or overwrite):
@@ -126,6 +115,8 @@ class FoldRun:
                 f"{self.run_dir} already holds a run; pass --resume to continue it or --overwrite to start "
                 "over"
             )
+        if not create:
+            return
         if overwrite and not self.resuming:  # a fresh run: nothing of the old one, its tracked runs included
             for name in (ckpt.LAST, ckpt.BEST_WEIGHTS, ckpt.BEST_META, "metrics.csv", OOF_FILE, *TRACKING):
                 remove(self.run_dir / name)
@@ -265,10 +256,11 @@ class FoldRun:
                     break
                 row, improved = self.epoch(model, epoch)
                 if self.ddp.main:
-                    with uninterrupted():  # an interrupt waits until the epoch's files are all written
+                    with uninterrupted():  # an interrupt waits for the epoch's files and its summary line
                         self.save(epoch, row, improved)
+                        kept = improved and self.cfg.train.keep == "best"
+                        tqdm.write(epoch_line(self.fold, epochs, row, kept))
                     trackers.epoch(row)
-                    tqdm.write(epoch_line(self.fold, epochs, row, improved and self.cfg.train.keep == "best"))
                     if epoch == self.start_epoch and epoch + 1 < epochs:
                         tqdm.write(estimate_line(self.fold, row["seconds"], epochs - epoch - 1))
                     if on_epoch_end is not None:
@@ -341,21 +333,31 @@ def train_fold(
 
 def train(
     cfg: Config,
-    folds: str = "all",
+    folds: str | list[int] = "all",
     resume: bool = False,
     overwrite: bool = False,
     started: float | None = None,
     first_epoch_s: float | None = None,
 ) -> list[FoldResult]:
-    """Train the requested folds one after the other (until ``train.time_limit`` from ``started``, the
-    command's ``time.monotonic()`` start); one result per fold. A fold's first epoch is budgeted as the
-    slowest epoch of the fold before, the first fold's as ``first_epoch_s`` (the preflight's measure)."""
+    """Train the requested folds (``"all"``, ``"0,2"`` or a list) one after the other, recorded as the run's
+    folds (``resume.record_folds``), until ``train.time_limit`` from ``started`` (the command's start); one
+    result per fold. A fold's first epoch is budgeted as the slowest epoch of the fold before, the first
+    fold's as ``first_epoch_s`` (the preflight's). Resumed, a finished fold is reported, not rebuilt."""
     deadline = (started or time.monotonic()) + cfg.train.time_limit if cfg.train.time_limit else None
     results: list[FoldResult] = []
-    for k in parse_folds(folds, cfg.data.folds):
-        results.append(train_fold(cfg, k, resume, overwrite, deadline=deadline, first_epoch_s=first_epoch_s))
-        if results[-1].stopped == "time_limit":
-            break
-        if len(results[-1].metrics):
-            first_epoch_s = float(results[-1].metrics["seconds"].max())
+    folds = folds if isinstance(folds, list) else parse_folds(folds, cfg.data.folds)
+    try:
+        for k in folds:
+            done = finished_fold(cfg, k) if resume else None
+            if done is not None:
+                print(f"fold {k}: finished ({len(done.metrics)} epochs, best mIoU {done.best_miou:.4f})")
+            budget = {"deadline": deadline, "first_epoch_s": first_epoch_s}
+            results.append(done or train_fold(cfg, k, resume, overwrite, **budget))
+            if results[-1].stopped == "time_limit":
+                break
+            if len(results[-1].metrics):
+                first_epoch_s = float(results[-1].metrics["seconds"].max())
+    finally:  # once a fold folder exists (even if stopped), the run remembers which folds it is for
+        if any(cfg.run_dir(k).is_dir() for k in folds):
+            record_folds(cfg, folds)
     return results

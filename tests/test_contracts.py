@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -366,6 +367,7 @@ def test_cli_warnings_are_short_lines_naming_the_item(tmp_path, capsys):
     ]
     coco = {"images": [image], "annotations": anns, "categories": [{"id": 1, "name": "Paper"}]}
     (tmp_path / "train.json").write_text(json.dumps(coco))
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))  # prepare checks the images exist
     args = ["prepare", "--data-root", str(tmp_path), "--annotations", str(tmp_path / "train.json")]
     assert main([*args, "--classes", "Background,Paper", "--workers", "1", "--overlays", "0"]) == 0
     err = [line.strip() for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -263,6 +263,9 @@ def test_cli_prepare_and_folds(tmp_path, capsys):
     images = [{"id": i, "file_name": f"batch_{i % 3}/{i}.png", "height": 8, "width": 8} for i in range(9)]
     anns = [ann(i, i % 2 * 7, SQUARE, image_id=i) for i in range(9)]
     path = write_coco(tmp_path, images=images, annotations=anns)
+    for image in images:  # prepare checks that the images exist before it writes anything
+        (tmp_path / image["file_name"]).parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(tmp_path / image["file_name"]), np.zeros((8, 8, 3), np.uint8))
     common = ["--data-root", str(tmp_path), "--annotations", str(path), "--classes", "Background,Paper,Glass"]
     assert (
         cli(

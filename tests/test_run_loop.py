@@ -75,7 +75,7 @@ def test_resume_refuses_changes_that_would_train_something_else(synthetic_data, 
     assert "run folder" in capsys.readouterr().err
     # the old form still works, and `--resume key=value` is an override, not a folder
     assert main(["train", "--config", str(config), "--fold", "0", "--resume", "train.workers=0"]) == 0
-    assert "resuming after epoch 2" in capsys.readouterr().out  # a finished fold is not retrained
+    assert "fold 0: finished (2 epochs" in capsys.readouterr().out  # a finished fold is not retrained
     assert len(pd.read_csv(tmp_path / "loop" / "fold0" / "metrics.csv")) == 2
 
 

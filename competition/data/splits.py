@@ -1,6 +1,8 @@
 """The training and validation data of one fold: a folds CSV, checked against the data it was made from.
 
-A folds CSV (written by ``competition folds``) has ``image_id``, ``file_name`` and ``fold`` columns. COCO
+A folds CSV (written by ``competition folds``) has ``image_id``, ``file_name`` and ``fold`` columns. An image
+whose ``fold`` is ``train`` (or ``-1``) is train-only: every fold trains on it and none validates on it, so a
+standard train / val split is one complete fold (val = fold 0, train = ``train``). COCO
 image ids are local to one json, so the ``file_name`` of every row must be the file name the annotations give
 that id: a folds file made from another json is refused instead of silently training on other images. For
 folder data ``image_id`` is the file stem, read as text (``"001"`` stays ``"001"``).
@@ -28,30 +30,49 @@ class FoldsMismatchError(ConfigError):
     """A folds file does not belong to the annotations (or image folder) it is used with."""
 
 
+TRAIN_ONLY = -1  # the fold of a train-only image (written "train" or -1 in a folds CSV)
+
+
 def read_folds_table(path: str | os.PathLike) -> pd.DataFrame:
-    """A folds CSV with ``image_id`` (text) and integer ``fold`` columns, checked for duplicates."""
+    """A folds CSV with ``image_id`` (text) and integer ``fold`` columns (``train`` read as ``TRAIN_ONLY``),
+    checked for duplicates."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"folds file {path} not found (data.folds); make it with `competition folds`")
-    table = pd.read_csv(path, dtype={"image_id": str, "file_name": str})
+    table = pd.read_csv(path, dtype={"image_id": str, "file_name": str, "fold": str})
     missing = {"image_id", "fold"} - set(table.columns)
     if missing:
         raise ConfigError(f"folds file {path} lacks column(s) {sorted(missing)}")
-    if not pd.api.types.is_integer_dtype(table["fold"]):
-        raise ConfigError(f"folds file {path}: column 'fold' must hold integers")
+    text = table["fold"].fillna("").str.strip().replace({"train": str(TRAIN_ONLY)})
+    bad = sorted({v for v in text if not (v.isdigit() or v == str(TRAIN_ONLY))})
+    if bad:
+        raise ConfigError(
+            f"folds file {path}: column 'fold' must hold fold numbers (0, 1, ...) or 'train' (train-only "
+            f"images), got {bad[:5]}"
+        )
+    table["fold"] = text.astype(int)
     duplicated = table.loc[table["image_id"].duplicated(), "image_id"].tolist()
     if duplicated:
         raise ConfigError(f"folds file {path} lists image ids more than once: {duplicated[:5]}")
     return table
 
 
+def validation_folds(table: pd.DataFrame) -> list[int]:
+    """The folds of a folds table that validate (every fold number but ``TRAIN_ONLY``)."""
+    return sorted(int(f) for f in table["fold"].unique() if f != TRAIN_ONLY)
+
+
 def parse_folds(spec: str, folds_file: str | os.PathLike) -> list[int]:
-    """``"all"`` (every fold of the folds file) or comma-separated fold numbers."""
+    """``"all"`` (every validation fold of the folds file) or comma-separated fold numbers of it."""
+    known = validation_folds(read_folds_table(folds_file))
     if spec == "all":
-        return sorted(int(f) for f in read_folds_table(folds_file)["fold"].unique())
+        return known
     parts = [p.strip() for p in spec.split(",")]
     if not all(p.isdigit() for p in parts):
         raise ConfigError(f"--fold must be 'all' or fold numbers like 0,2; got {spec!r}")
+    unknown = [int(p) for p in parts if int(p) not in known]
+    if unknown:
+        raise ConfigError(f"--fold {spec}: {unknown} not among the folds {known} of {folds_file}")
     return [int(p) for p in parts]
 
 
@@ -88,7 +109,7 @@ def read_folds(cfg: Config, fold: int, actual: dict[str, str], source: str) -> t
             "(ids are local to one json). Make the file with `competition folds` or add the column"
         )
     check_file_names(table, actual, path, source)
-    folds = sorted(table["fold"].unique())
+    folds = validation_folds(table)
     if fold not in folds:
         raise ConfigError(f"fold {fold} not in {path} (folds: {folds})")
     val = table["fold"] == fold

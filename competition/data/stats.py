@@ -124,7 +124,8 @@ def save_panels(
         ax.set_axis_off()
     shown = sorted({int(c) for _, mask in panels for c in np.unique(mask)} - {background})
     label = {255: "ignore", **dict(enumerate(class_names))}
-    handles = [Patch(color=colours[c] / 255, label=label.get(c, str(c))) for c in shown]
+    # an edge, so that a white swatch (ignore) shows on the white page
+    handles = [Patch(facecolor=colours[c] / 255, edgecolor="0.5", label=label.get(c, str(c))) for c in shown]
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
     if title:
