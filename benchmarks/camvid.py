@@ -19,11 +19,11 @@ run again after a kill and extended with more seeds or variants.
 0.75/1/1.25) and dense CRF with pydensecrf's example setting (``CrfSettings()``; nothing chosen on val) on
 the plain and the flip probabilities. ``--tune-crf`` adds CRF tuned without
 the images it scores (val frames in order, split in halves; each half refined with the setting, or none,
-chosen among ``crf.CRF_CANDIDATES`` on the other half). ``OUT/techniques.csv`` has one row per run and
+chosen among ``oof.tune.CRF_CANDIDATES`` on the other half). ``OUT/techniques.csv`` has one row per run and
 technique; the summary gives each technique's paired difference to plain, mean ± std over the runs.
 
 ``--pseudo-quality``: each finished run pseudo-labels the val images as if they were test images
-(``competition.pseudo``, pooled, no TTA) at threshold 0.9, and at 0.9 with class-balanced thresholds
+(``inference.pseudo``, pooled, no TTA) at threshold 0.9, and at 0.9 with class-balanced thresholds
 (``class_share=0.5``); per class, the share of its true pixels labelled right (coverage) and of its labelled
 pixels that are right (precision), against the real labels (``OUT/pseudo_quality.csv``).
 
@@ -86,8 +86,8 @@ import pandas as pd
 import torch
 from leaderboard_inference import lite0
 
-from competition.config import load_config
-from competition.train import train
+from competition.core.config_file import load_config
+from competition.train.loop import train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
 THIN_AND_RARE = ("Pole", "SignSymbol", "Pedestrian", "Bicyclist")
@@ -212,8 +212,8 @@ def without_average(cfg, folds: Path) -> tuple[dict, dict]:
     import copy
     from dataclasses import replace
 
-    from competition import checkpoint as ckpt
-    from competition.predictor import Ensemble, load_specs
+    from competition.core import checkpoint as ckpt
+    from competition.inference.predictor import Ensemble, load_specs
 
     specs, names = load_specs([cfg.output_dir / cfg.name], allow_partial=True)
     raw = copy.deepcopy(specs[0].model)
@@ -225,7 +225,7 @@ def without_average(cfg, folds: Path) -> tuple[dict, dict]:
 
 def native_scores(models: list, cfg, folds: Path, names: list[str]) -> list[dict]:
     """Val mIoU and per-class IoU at native size of each model (an ``Ensemble``), on the same frames."""
-    from competition.metrics import confusion, iou_of, miou_of
+    from competition.core.metrics import confusion, iou_of, miou_of
 
     counts = np.zeros((len(models), len(names), len(names)), np.int64)
     for image, target in val_frames(cfg, folds, names):
@@ -239,7 +239,7 @@ def pseudo_round(variant: str, seed: int, args: argparse.Namespace, folds: Path)
     """A ``*_pseudo`` variant: its teacher's run (trained or reused) and val pseudo-labels, then the student
     trained on the train split plus them; one row, the student's native-size val score with the teacher's
     beside it (``teacher_miou``: the same frames, so the difference is paired)."""
-    from competition.predictor import Ensemble, load_specs
+    from competition.inference.predictor import Ensemble, load_specs
 
     teacher = variant.removesuffix(PSEUDO_SUFFIX)
     rows = one_run(teacher, seed, args, folds)
@@ -263,9 +263,10 @@ def pseudo_round(variant: str, seed: int, args: argparse.Namespace, folds: Path)
 
 def techniques(variant: str, seed: int, args: argparse.Namespace, folds: Path) -> list[dict]:
     """The val mIoU at native size of a finished run under each inference technique."""
-    from competition.crf import CRF_CANDIDATES, CrfSettings, dense_crf
-    from competition.metrics import confusion, iou_of, miou_of
-    from competition.predictor import Ensemble, InferenceOptions, load_specs
+    from competition.core.metrics import confusion, iou_of, miou_of
+    from competition.inference.predictor import Ensemble, InferenceOptions, load_specs
+    from competition.oof.tune import CRF_CANDIDATES
+    from competition.predictions.crf import CrfSettings, dense_crf
 
     cfg = run_config(variant, seed, args, folds)
     # one fold by design (fold 1 is the train split, never validated): the run counts as partial
@@ -319,7 +320,8 @@ def techniques(variant: str, seed: int, args: argparse.Namespace, folds: Path) -
 def val_frames(cfg, folds: Path, names: list[str]):
     """``(RGB image, target)`` of each val frame in file-name order, the target rasterised at the
     native size with void 255."""
-    from competition.data.coco import ClassMap, load_coco, rasterize
+    from competition.data.classes import ClassMap
+    from competition.data.coco import load_coco, rasterize
     from competition.data.images import read_image
 
     coco = load_coco(cfg.data.annotations, cfg.data.root)
@@ -337,8 +339,8 @@ def ensemble_scores(runs: list[str], args: argparse.Namespace, folds: Path) -> l
     """Val mIoU at native size of each finished run (``OUT/runs/<variant>_s<seed>``) and of their
     equal-weight soft vote (the mean of the members' probabilities), plain and with flip + scale TTA: the
     same images, so differences are paired."""
-    from competition.metrics import confusion, iou_of, miou_of
-    from competition.predictor import Ensemble, InferenceOptions, load_specs
+    from competition.core.metrics import confusion, iou_of, miou_of
+    from competition.inference.predictor import Ensemble, InferenceOptions, load_specs
 
     specs, names = load_specs([args.out / "runs" / run for run in runs], allow_partial=True)
     tta = {
@@ -384,10 +386,10 @@ def val_ids(folds: Path) -> list[int]:
 
 def val_pseudo(variant: str, seed: int, args: argparse.Namespace, folds: Path, share: float | None) -> Path:
     """The val images pseudo-labelled, as if they were test images, by the finished run of ``variant`` and
-    ``seed`` (``competition.pseudo``, pooled, no TTA, threshold 0.9; ``share``: class-balanced thresholds);
+    ``seed`` (``inference.pseudo``, pooled, no TTA, threshold 0.9; ``share``: class-balanced thresholds);
     a set already written is reused."""
     from competition.data.coco import load_coco
-    from competition.pseudo import make_pseudo
+    from competition.inference.pseudo import make_pseudo
 
     out = pseudo_dir(variant, seed, args, share)
     if not (out / "pseudo.json").is_file():
@@ -408,7 +410,8 @@ def pseudo_quality(variant: str, seed: int, args: argparse.Namespace, folds: Pat
     and the share of its labelled pixels that are right (precision), against the real val labels."""
     import cv2
 
-    from competition.data.coco import ClassMap, load_coco, rasterize
+    from competition.data.classes import ClassMap
+    from competition.data.coco import load_coco, rasterize
 
     cfg = run_config(variant, seed, args, folds)
     coco = load_coco(cfg.data.annotations, cfg.data.root)

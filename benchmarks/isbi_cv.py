@@ -1,6 +1,6 @@
 """ISBI-2012 membrane 5-fold CV: Unet3Plus vs smp Unet vs smp UnetPlusPlus, same encoder, same budget.
 
-Trains with the pipeline's own trainer (``competition.train``, folder dataset format) and scores the pooled
+Trains with the pipeline's own trainer (``train.loop``, folder dataset format) and scores the pooled
 out-of-fold predictions of the 30 images at full 512x512 resolution: pixel error (1 - pixel accuracy of the
 argmax), IoU of the membrane (class 0, black) and of the cell interior (class 1, white), and training
 throughput. The U-Net paper's 0.0611 is the challenge's pixel error on the hidden test set, scored by the
@@ -30,10 +30,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from competition.config import config_from_dict
-from competition.metrics import ConfusionMatrix, binary_scores
-from competition.oof import OOF_FILE, OofRuns
-from competition.train import train
+from competition.core.config_file import config_from_dict
+from competition.core.metrics import ConfusionMatrix, binary_scores
+from competition.predictions.oof import OOF_FILE, OofRuns
+from competition.train.loop import train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012_membrane"
 

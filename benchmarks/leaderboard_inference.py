@@ -27,18 +27,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from competition.config import config_from_dict
-from competition.data.coco import ClassMap, MaskCache, load_coco
+from competition.core.config_file import config_from_dict
+from competition.core.metrics import confusion, miou_of
+from competition.data.classes import ClassMap
+from competition.data.coco import MaskCache, load_coco
 from competition.data.datasets import CocoSegmentationDataset, MaskFolderDataset
+from competition.data.folds import build_folds, write_folds
 from competition.data.synthetic import make_synthetic_dataset
-from competition.ensemble import search_weights
-from competition.folds import build_folds, write_folds
-from competition.metrics import confusion, miou_of
-from competition.postprocess import tune
-from competition.predictor import Ensemble, load_specs
-from competition.scores import audit_table
-from competition.train import train
-from competition.voting import combine
+from competition.inference.predictor import Ensemble, load_specs
+from competition.oof.scores import audit_table
+from competition.oof.tune import tune
+from competition.oof.weights import search_weights
+from competition.predictions.voting import combine
+from competition.train.loop import train
 
 ISBI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "isbi2012_membrane"
 PLANTED = 6

@@ -29,15 +29,16 @@ import pandas as pd
 import torch
 from leaderboard_inference import ISBI, isbi_split, lite0, train_settings
 
-from competition.config import config_from_dict
-from competition.data.coco import BOOSTCAMP_CLASSES, ClassMap, MaskCache, load_coco
+from competition.core.config_file import config_from_dict
+from competition.core.metrics import confusion, iou_of
+from competition.data.classes import BOOSTCAMP_CLASSES, ClassMap
+from competition.data.coco import MaskCache, load_coco
 from competition.data.datasets import CocoSegmentationDataset, MaskFolderDataset
+from competition.data.folds import build_folds, write_folds
 from competition.data.synthetic import make_synthetic_dataset
-from competition.folds import build_folds, write_folds
-from competition.metrics import confusion, iou_of
-from competition.predictor import Ensemble, InferenceOptions, load_specs
-from competition.pseudo import make_pseudo
-from competition.train import train
+from competition.inference.predictor import Ensemble, InferenceOptions, load_specs
+from competition.inference.pseudo import make_pseudo
+from competition.train.loop import train
 
 RARE = ("Battery", "Clothing")
 TTA = InferenceOptions(views=["identity", "hflip"])

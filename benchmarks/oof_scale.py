@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from competition.oof import OofWriter
+from competition.predictions.oof import OofWriter
 
 CLASSES = ["Background", "General trash", "Paper", "Paper pack", "Metal", "Glass", "Plastic", "Styrofoam",
            "Plastic bag", "Battery", "Clothing"]  # fmt: skip
@@ -50,7 +50,7 @@ def fabricate(
     """Run directories whose fold files hold ``config.yaml``, ``metrics.csv``, ``best.json`` and an
     ``oof.npz``: targets of a few rectangles per image, each run's probabilities a noisy softmax of them
     (run ``r`` drawn from its own seed, so ``only`` some runs can be made in another process)."""
-    from competition.config import config_from_dict
+    from competition.core.config_file import config_from_dict
 
     names = CLASSES[:classes] if classes <= len(CLASSES) else [f"c{i}" for i in range(classes)]
     rng = np.random.default_rng(seed)
@@ -95,9 +95,9 @@ def _records(fold_dir: Path) -> None:
 
 def _exhaustive(runs: list[Path], limit: int) -> int:
     """The weight search as it was: every grid vector re-votes every image (first ``limit`` images)."""
-    from competition.ensemble import _simplex
-    from competition.oof import OofRuns
-    from competition.tuning import FoldTable
+    from competition.oof.nested import FoldTable
+    from competition.oof.weights import _simplex
+    from competition.predictions.oof import OofRuns
 
     oof = OofRuns(runs)
     grid = _simplex(len(runs), 0.1)
@@ -126,12 +126,12 @@ def _coco(root: Path, images: int, classes: int) -> None:
 
 
 def _tool(name: str, runs: list[Path], args: argparse.Namespace) -> dict:
-    from competition.audit import run_audit
-    from competition.ensemble import search_weights
-    from competition.oof import OofRuns
-    from competition.postprocess import tune
-    from competition.report import build_report
-    from competition.scores import evaluate_oof
+    from competition.oof.audit import run_audit
+    from competition.oof.report import build_report
+    from competition.oof.scores import evaluate_oof
+    from competition.oof.tune import tune
+    from competition.oof.weights import search_weights
+    from competition.predictions.oof import OofRuns
 
     out = args.out / "outputs"
     if name == "read":  # the floor of any tool: one pass that only decompresses every map

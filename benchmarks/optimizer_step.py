@@ -5,7 +5,7 @@ Two measurements, alternating the two kernels in one process so both see the sam
 - a whole training step (forward, loss, backward, optimizer step) of that config's model and loss at its
   crop size and batch.
 Prints medians and the ratio. The pipeline's ``build_optimizer`` is the fused one; the parameter updates of
-the two kernels agree to rounding (tests/test_config_metrics.py).
+the two kernels agree to rounding (tests/competition/core/test_config_metrics.py).
 
 python benchmarks/optimizer_step.py --config tiny_cpu --size 128 --batch 4 --threads 2
 python benchmarks/optimizer_step.py --config camvid_lite0 --size 192,256 --batch 8 --threads 2
@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from competition.config import load_config
-from competition.optim import build_criterion
-from competition.runtime import build_model
+from competition.core.config_file import load_config
+from competition.core.runtime import build_model
+from competition.train.optim import build_criterion
 
 
 def main() -> None:

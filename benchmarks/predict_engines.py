@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from competition.bundle import ONNX_FILE, OnnxModel, bundle_size, export_bundle
-from competition.checkpoint import fold_dirs, load_fold_model
-from competition.runtime import output_stride, padded_size
+from competition.core.checkpoint import fold_dirs, load_fold_model
+from competition.core.runtime import output_stride, padded_size
+from competition.inference.bundle import bundle_size, export_bundle
+from competition.inference.onnx import ONNX_FILE, OnnxModel
 
 
 def timed(fn, x: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:

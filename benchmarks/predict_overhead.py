@@ -21,13 +21,13 @@ import cv2
 import numpy as np
 import torch
 
-from competition import checkpoint as ckpt
-from competition.config import config_from_dict
-from competition.data.coco import BOOSTCAMP_CLASSES
-from competition.infer import predict
-from competition.io import atomic_write_text
-from competition.predictor import InferenceOptions, parse_tta
-from competition.runtime import autocast, build_model
+from competition.core import checkpoint as ckpt
+from competition.core.config_file import config_from_dict
+from competition.core.io import atomic_write_text
+from competition.core.runtime import autocast, build_model
+from competition.data.classes import BOOSTCAMP_CLASSES
+from competition.inference.predict import predict
+from competition.inference.predictor import InferenceOptions, parse_tta
 
 
 def make_run(root: Path, encoder: str, folds: int) -> Path:

@@ -34,12 +34,12 @@ import pandas as pd
 import torch
 from leaderboard_inference import ISBI, lite0
 
-from competition.config import config_from_dict
+from competition.core.config_file import config_from_dict
+from competition.core.metrics import confusion, iou_of
 from competition.data.coco import load_coco
 from competition.data.synthetic import make_synthetic_dataset
-from competition.metrics import confusion, iou_of
-from competition.oof import OofRuns
-from competition.train import train
+from competition.predictions.oof import OofRuns
+from competition.train.loop import train
 
 # name -> (arch, overrides); "u3p" is Unet3Plus with the library's defaults (no DS, no CGM)
 DS = ["model.params.deep_supervision=true"]

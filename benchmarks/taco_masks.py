@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from competition.data.coco import ClassMap, MaskCache, load_coco, read_merge_map
+from competition.data.classes import ClassMap, read_merge_map
+from competition.data.coco import MaskCache, load_coco
 
 
 def plain_pycocotools_epoch(coco: COCO, category_to_class: dict[int, int]) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .io import OutputExistsError
+from .core.io import OutputExistsError
 
 
 def run_demo(
@@ -33,18 +33,19 @@ def run_demo(
     pseudo: bool = False,
 ) -> dict[str, Any]:
     """Run the demo into ``out_dir`` and return its summary (also printed)."""
-    from .config import load_config
-    from .data.coco import ClassMap, MaskCache, load_coco
+    from .core.config_file import load_config
+    from .data.classes import ClassMap
+    from .data.coco import MaskCache, load_coco
+    from .data.folds import build_folds, fold_summary, write_folds
     from .data.stats import write_statistics
     from .data.synthetic import make_synthetic_dataset
-    from .folds import build_folds, fold_summary, write_folds
-    from .infer import predict
-    from .oof import OofRuns
-    from .predictor import InferenceOptions, parse_tta
-    from .report import build_report
-    from .scores import evaluate_oof
-    from .submission import validate_submission
-    from .train import train
+    from .inference.predict import predict
+    from .inference.predictor import InferenceOptions, parse_tta
+    from .oof.report import build_report
+    from .oof.scores import evaluate_oof
+    from .predictions.oof import OofRuns
+    from .predictions.submission import validate_submission
+    from .train.loop import train
 
     started = time.perf_counter()
     out = Path(out_dir)
@@ -165,12 +166,12 @@ def _pseudo_round(
 ) -> dict[str, Any]:
     """Pseudo-label the test images with ``run``, train again with them (``settings`` + ``data.extra``),
     evaluate on the labelled images' OOF, predict the test set."""
-    from .config import load_config
-    from .infer import predict
-    from .predictor import InferenceOptions, parse_tta
-    from .pseudo import coverage_summary, make_pseudo
-    from .scores import evaluate_oof
-    from .train import train
+    from .core.config_file import load_config
+    from .inference.predict import predict
+    from .inference.predictor import InferenceOptions, parse_tta
+    from .inference.pseudo import coverage_summary, make_pseudo
+    from .oof.scores import evaluate_oof
+    from .train.loop import train
 
     stage(
         f"pseudo: fold ensemble x hflip TTA labels the test images (threshold 0.9) -> {out / 'pseudo_round1'}"
@@ -198,7 +199,7 @@ def _all_background_miou(oof: Any) -> float:
     """mIoU of predicting background everywhere on the OOF targets (the floor a model must beat)."""
     import torch
 
-    from .metrics import ConfusionMatrix
+    from .core.metrics import ConfusionMatrix
 
     matrix = ConfusionMatrix(oof.num_classes, oof.ignore_index)
     for _, _, _, target in oof:

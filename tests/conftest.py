@@ -10,7 +10,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]  # the repository root (tests/ mirrors its packages)
+SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -47,9 +48,10 @@ def tiny_config_dict(data: dict, out: Path, **train) -> dict:
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory) -> dict:
     """12 training + 4 test images (64 px) of the synthetic trash dataset, with 2 folds."""
-    from competition.data.coco import ClassMap, load_coco
+    from competition.data.classes import ClassMap
+    from competition.data.coco import load_coco
+    from competition.data.folds import build_folds, write_folds
     from competition.data.synthetic import make_synthetic_dataset
-    from competition.folds import build_folds, write_folds
 
     root = tmp_path_factory.mktemp("synthetic")
     paths = make_synthetic_dataset(root, n_train=12, n_test=4, size=64, seed=1)
@@ -61,8 +63,8 @@ def synthetic_data(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def trained_run(synthetic_data, tmp_path_factory):
     """Both folds of the tiny config, trained 2 epochs (shared by the training and inference tests)."""
-    from competition.config import config_from_dict
-    from competition.train import train
+    from competition.core.config_file import config_from_dict
+    from competition.train.loop import train
 
     cfg = config_from_dict(tiny_config_dict(synthetic_data, tmp_path_factory.mktemp("runs")))
     results = train(cfg, "all")
@@ -73,8 +75,8 @@ def fake_oof_run(root, name, folds, classes, ignore_index=255, file_names=None):
     """A finished run directory whose folds hold ``config.yaml`` (1 epoch), ``metrics.csv``, ``best.json`` and
     ``oof.npz`` built from given maps (no weights); image ``id`` is the file ``file_names[id]`` (default
     ``<id>.png``)."""
-    from competition.config import config_from_dict
-    from competition.oof import OofWriter
+    from competition.core.config_file import config_from_dict
+    from competition.predictions.oof import OofWriter
 
     data = {"root": str(root), "annotations": str(root / "train.json"), "folds": str(root / "folds.csv")}
     cfg = config_from_dict({"name": name, "data": data, "train": {"epochs": 1}})

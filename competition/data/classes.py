@@ -9,6 +9,10 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..core.config import Config
 
 BOOSTCAMP_CLASSES: tuple[str, ...] = (
     "Background",
@@ -132,3 +136,13 @@ class ClassMap:
                 + f". Classes: {list(names)}. Add them to the class list or to a merge map (--merge-map)."
             )
         return cls(names, mapping, background)
+
+
+def class_names(cfg: Config) -> list[str]:
+    """Class names of the run (index = class id, 0 = background)."""
+    data = cfg.data
+    if data.classes is not None:
+        return list(data.classes)
+    if data.format == "folder":
+        return ["background", "foreground"]
+    return list(default_class_names(read_merge_map(data.merge_map) if data.merge_map else None))

@@ -38,14 +38,11 @@ import pandas as pd
 from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
-from ..io import atomic_write, atomic_write_csv, atomic_write_text
-from .classes import (  # noqa: F401 (re-exported: the names importers know from here)
-    BOOSTCAMP_CLASSES,
+from ..core.io import atomic_write, atomic_write_csv, atomic_write_text
+from .classes import (
     IGNORE_INDEX,
     ClassMap,
     CocoFormatError,
-    default_class_names,
-    read_merge_map,
 )
 
 CACHE_VERSION = 1

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset
 
-from ..config import ConfigError
+from ..core.config import ConfigError
 from .coco import load_mask, safe_join
 from .images import read_image
 

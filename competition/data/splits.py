@@ -20,9 +20,9 @@ from torch.utils.data import Dataset
 
 from smp_unet3p._names import did_you_mean
 
-from ..config import Config, ConfigError
-from ..runtime import Dist, class_names
-from .classes import ClassMap
+from ..core.config import Config, ConfigError
+from ..core.runtime import Dist
+from .classes import ClassMap, class_names
 from .transforms import build_eval_transform, build_train_transform
 
 
@@ -178,7 +178,8 @@ def build_datasets(cfg: Config, fold: int, dist: Dist | None = None) -> tuple[Da
         train = _with_extra(cfg, fold, make(train_ids, train_tf), names, labelled, train_tf)
         return train, make(val_ids, eval_tf), names
 
-    from .coco import MaskCache, load_coco, read_merge_map
+    from .classes import read_merge_map
+    from .coco import MaskCache, load_coco
     from .copy_paste import CopyPaste
     from .datasets import CocoSegmentationDataset
 
@@ -236,7 +237,7 @@ def _with_extra(
     ones included)."""
     if not cfg.data.extra:
         return train
-    from ..io import file_hash
+    from ..core.io import file_hash
     from .coco import safe_join
     from .pseudo_labels import with_extra
 

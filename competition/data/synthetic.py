@@ -16,8 +16,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..io import atomic_write_text
-from .coco import BOOSTCAMP_CLASSES
+from ..core.io import atomic_write_text
+from .classes import BOOSTCAMP_CLASSES
 
 
 def _class_look(cls: int, classes: int) -> tuple[np.ndarray, float, float]:

@@ -8,7 +8,7 @@ import albumentations as A
 import cv2
 from torch.utils.data import Dataset
 
-from .coco import IGNORE_INDEX
+from .classes import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,0 +1,74 @@
+"""Combining several members' class probabilities into one class-index map: weighted soft voting (per member
+or per member and class) and hard (majority) voting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..core.runtime import normalize_weights
+from .submission import mask_from_probs, resize_probs
+
+
+def soft_scores(
+    probs: Sequence[np.ndarray], weights: np.ndarray | Sequence[float] | None = None
+) -> np.ndarray:
+    """``sum_r w[r, c] p_r[c]`` of members' probabilities ``[C, ...]``; ``weights`` per member or per member
+    and class (see ``class_weights``). With per-member weights this is their weighted mean."""
+    w = class_weights(weights, len(probs), probs[0].shape[0]).astype(np.float32)
+    shape = (-1,) + (1,) * (probs[0].ndim - 1)
+    total = np.zeros(probs[0].shape, np.float32)
+    for r, p in enumerate(probs):  # member by member: no [R, C, ...] float32 stack
+        total += w[r].reshape(shape) * p
+    return total
+
+
+def class_weights(weights: np.ndarray | Sequence[float] | None, members: int, classes: int) -> np.ndarray:
+    """``[members, classes]`` weights: one weight per member (``[members]``) for every class, or one per
+    member and class; each class's column is checked and scaled to sum 1."""
+    w = np.ones(members) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.ndim == 1:
+        return np.repeat(normalize_weights(w, members)[:, None], classes, axis=1)
+    if w.shape != (members, classes):
+        raise ValueError(f"per-class weights of shape {w.shape} for {members} members and {classes} classes")
+    return np.stack([normalize_weights(w[:, c], members) for c in range(classes)], axis=1)
+
+
+def combine(probs: Sequence[np.ndarray], weights: np.ndarray | None = None, vote: str = "soft") -> np.ndarray:
+    """Class-index map of several members' probabilities ``[C, H, W]``.
+
+    ``soft``: argmax over classes of ``sum_r w[r, c] p_r[c]`` (``weights`` per member or per member and class,
+    see ``class_weights``). ``hard``: each member's argmax is a vote of its weight; a tie between classes goes
+    to the one of larger weighted probability sum (so a member of weight 0 has no say at all).
+    """
+    if vote == "soft":
+        return soft_scores(probs, weights).argmax(0)
+    if vote != "hard":
+        raise ValueError(f"vote must be 'soft' or 'hard', got {vote!r}")
+    return hard_vote([p.argmax(0) for p in probs], soft_scores(probs, weights), weights)
+
+
+def hard_vote(
+    labels: Sequence[np.ndarray], soft: np.ndarray, weights: np.ndarray | Sequence[float] | None = None
+) -> np.ndarray:
+    """The hard vote of ``combine`` from the members' argmax maps ``labels`` and their soft scores ``soft``
+    ``[C, ...]`` (``soft_scores``), for callers that have both already."""
+    w = class_weights(weights, len(labels), soft.shape[0])
+    votes = np.zeros(soft.shape, np.float64)
+    for r, label in enumerate(labels):
+        for c in range(soft.shape[0]):
+            votes[c] += w[r, c] * (label == c)
+    top = votes.max(0, keepdims=True)
+    return np.where(np.isclose(votes, top), soft, -1.0).argmax(0)
+
+
+def vote_mask(
+    members: Sequence[np.ndarray], weights: np.ndarray | None, vote: str, size: int | None
+) -> np.ndarray:
+    """Submission mask of several members' probabilities: resized to ``size`` first (the one route of
+    ``submission.mask_from_probs``), then soft-voted (weighted sum, argmax) or hard-voted."""
+    if vote == "soft":
+        return mask_from_probs(soft_scores(members, weights), size)
+    resized = [resize_probs(m, size).half().numpy() for m in members]
+    return combine(resized, weights, vote).astype(np.uint8)

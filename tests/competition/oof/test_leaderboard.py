@@ -1,0 +1,280 @@
+"""Leaderboard toolkit, inference side: post-processing, voting, per-class weights, audit, exclude lists."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from competition.cli import main
+from competition.core.config import ConfigError
+from competition.core.config_file import config_from_dict
+from competition.core.metrics import confusion
+from competition.data.splits import build_datasets
+from competition.oof.scores import audit_table
+from competition.oof.tune import AREAS, _outcomes, tune
+from competition.oof.weights import search_weights
+from competition.predictions.postprocess import PostProcess, enclosed, fill_holes, remove_small
+from competition.predictions.voting import class_weights, combine
+from tests.conftest import fake_oof_run, onehot, tiny_config_dict
+
+
+def test_min_area_removes_exactly_the_components_below_the_threshold():
+    mask = np.zeros((10, 12), np.uint8)
+    mask[0, 0:3] = 1  # 3 px
+    mask[3:4, 0:5] = 1  # 5 px
+    mask[6:8, 0:5] = 1  # 10 px
+    mask[0:2, 8:10] = 2  # 4 px of another class
+    mask[9, 11] = 1  # 1 px, touching nothing
+    mask[8, 10] = 1  # diagonal neighbour of it: one 8-connected component of 2 px
+    out = remove_small(mask, 1, 5)
+    assert (out[0, 0:3] == 0).all() and (out[9, 11] == 0) and (out[8, 10] == 0)
+    assert (out[3, 0:5] == 1).all() and (out[6:8, 0:5] == 1).all()  # 5 px is not below 5
+    assert (out[0:2, 8:10] == 2).all()
+    assert out.sum() == mask.sum() - 3 - 2  # nothing else changed
+    assert remove_small(mask, 1, 0) is mask
+
+
+def test_fill_holes_fills_enclosed_background_only():
+    mask = np.zeros((9, 9), np.uint8)
+    mask[1:8, 1:8] = 2
+    mask[3:6, 3:6] = 0  # a hole
+    mask[4, 4] = 1  # another class inside it stays
+    mask[0:3, 7:9] = 0  # open to the border: not a hole
+    out = fill_holes(mask, 2)
+    assert out[4, 4] == 1 and out[3, 3] == 2 and (out[3:6, 3:6] != 0).all()
+    assert (out[0, 7:9] == 0).all() and (out == 0).sum() == (mask == 0).sum() - 8
+
+
+def test_enclosed_pixels_are_what_scipy_fill_holes_adds():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    for density in (0.3, 0.5, 0.7):
+        region = ndimage.binary_opening(
+            rng.random((40, 50)) < density
+        )  # blobs with holes, some at the border
+        expected = ndimage.binary_fill_holes(region) & ~region
+        np.testing.assert_array_equal(enclosed(region), expected)
+        assert expected.any() or density < 0.5
+
+
+def test_each_tuning_candidate_counts_what_applying_it_gives():
+    """The tuner corrects the plain confusion counts on the changed pixels; applying the setting with
+    ``PostProcess`` and counting afresh must give the same matrix, for every setting and class."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    names = ["bg", "a", "b"]
+    for _ in range(3):
+        pred = (ndimage.binary_opening(rng.random((64, 64)) < 0.6) * rng.integers(1, 3, (64, 64))).astype(
+            np.uint8
+        )
+        pred[rng.random(pred.shape) < 0.01] = 1  # specks of 1 px
+        target = np.where(rng.random(pred.shape) < 0.8, pred, rng.integers(0, 3, pred.shape))
+        target[0, :5] = 255
+        plain = confusion(pred, target, 3, 255)
+        for cls in (1, 2):
+            outcomes = _outcomes(pred, target, cls, plain, 255)
+            for area in AREAS:
+                for holes in (False, True):
+                    pp = PostProcess(names, min_area={names[cls]: area}, fill_holes={names[cls]: holes})
+                    expected = confusion(pp(pred), target, 3, 255)
+                    np.testing.assert_array_equal(
+                        outcomes[(area, holes)], expected, err_msg=f"{cls} {area} {holes}"
+                    )
+        assert any(not np.array_equal(m, plain) for m in outcomes.values())
+    assert _outcomes(np.zeros((8, 8), np.uint8), np.zeros((8, 8)), 1, plain, 255) == {}  # class absent
+
+
+def test_postprocess_settings_are_fractions_of_the_image_and_belong_to_their_classes(tmp_path):
+    pp = PostProcess(["bg", "a", "b"], min_area={"a": 0.05})  # 5% of 10x10 = 5 px
+    mask = np.zeros((10, 10), np.uint8)
+    mask[0, 0:4] = 1
+    mask[5, 0:6] = 1
+    assert pp(mask)[0, 0:4].sum() == 0 and pp(mask)[5].sum() == 6
+    path = pp.save(tmp_path / "pp.json")
+    assert PostProcess.load(path, ["bg", "a", "b"]).min_area == {"a": 0.05}
+    with pytest.raises(ValueError, match=r"tuned for classes \['bg', 'a', 'b'\]"):
+        PostProcess.load(path, ["bg", "b", "a"])
+    with pytest.raises(ValueError, match="not in"):
+        PostProcess(["bg", "a"], fill_holes={"c": True})
+    with pytest.raises(ValueError, match="fraction"):
+        PostProcess(["bg", "a"], min_area={"a": 5})
+
+
+def test_hard_vote_majority_and_tie_break_by_summed_probability():
+    a = np.array([0.1, 0.6, 0.3])[:, None, None]
+    b = np.array([0.1, 0.2, 0.7])[:, None, None]
+    c = np.array([0.2, 0.5, 0.3])[:, None, None]
+    assert combine([a, b], vote="hard").item() == 2  # 1 vote each; summed 0.8 vs 1.0
+    assert combine([a, b, c], vote="hard").item() == 1  # 2 votes beat b's confidence
+    assert combine([a, b], weights=[3, 1], vote="hard").item() == 1  # a weighted vote
+    assert combine([a, b, c]).item() == 1  # soft: mean (0.43, 0.43) -> tie goes to the first: 1
+
+
+def test_per_class_weights_equal_to_per_run_ones_give_the_same_map():
+    rng = np.random.default_rng(0)
+    probs = [rng.dirichlet(np.ones(4), size=(6, 5)).transpose(2, 0, 1) for _ in range(3)]
+    w = np.array([0.5, 0.3, 0.2])
+    per_class = np.repeat(w[:, None], 4, axis=1) * 7  # columns are normalised
+    assert np.array_equal(combine(probs, w), combine(probs, per_class))
+    with pytest.raises(ValueError, match="3 weights for 2"):
+        class_weights([1, 2, 3], 2, 4)
+    with pytest.raises(ValueError, match=">= 0"):
+        class_weights([1, -1], 2, 4)
+    with pytest.raises(ValueError, match="shape"):
+        class_weights(np.ones((2, 3)), 2, 4)
+
+
+def speckled_folds(seed, folds=(0, 1, 2), images=3):
+    """OOF maps with a square object (class 1 or 2) and 1-px false specks of class 1."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for f in folds:
+        out[f] = {}
+        for i in range(images):
+            target = np.zeros((24, 24), np.int64)
+            cls = 1 + (i + f) % 2
+            target[4:14, 5:15] = cls
+            pred = target.copy()
+            ys, xs = rng.integers(0, 24, 6), rng.integers(0, 24, 6)
+            pred[ys, xs] = 1  # specks
+            if f == 0 and i == 0:
+                pred[8:11, 8:11] = 0  # a hole in fold 0 only
+            out[f][f"{f}_{i}"] = (onehot(pred, 3, 0.8), target)
+    return out
+
+
+def test_postprocess_tuning_helps_and_its_nested_choice_never_sees_the_fold(tmp_path):
+    data = speckled_folds(0)
+    run = fake_oof_run(tmp_path, "all", data, ["bg", "a", "b"])
+    tuned = tune([run])
+    assert tuned.postprocess.min_area.get("a", 0) > 0  # the specks go
+    assert tuned.in_sample > tuned.baseline and tuned.nested > tuned.baseline
+    without0 = fake_oof_run(tmp_path, "without0", {f: data[f] for f in (1, 2)}, ["bg", "a", "b"])
+    assert tune([without0]).postprocess.min_area == tuned.fold_postprocess[0].min_area
+    assert tune([without0]).postprocess.fill_holes == tuned.fold_postprocess[0].fill_holes
+
+
+@pytest.mark.parametrize("method", ["grid", "greedy"])
+def test_per_class_weight_search_is_nested_too(tmp_path, method):
+    rng = np.random.default_rng(1)
+    folds = {}
+    for f in range(3):
+        folds[f] = {}
+        for i in range(2):
+            target = rng.integers(0, 3, (8, 8))
+            folds[f][f"{f}{i}"] = target
+    runs, without = [], []
+    for r, conf in enumerate((0.7, 0.5)):
+        items = {
+            f: {
+                k: (onehot(np.where(rng.random(t.shape) < 0.7, t, (t + 1) % 3), 3, conf), t)
+                for k, t in v.items()
+            }
+            for f, v in folds.items()
+        }
+        runs.append(fake_oof_run(tmp_path, f"r{r}", items, ["bg", "a", "b"]))
+        without.append(fake_oof_run(tmp_path, f"w{r}", {f: items[f] for f in (1, 2)}, ["bg", "a", "b"]))
+    found = search_weights(runs, step=0.5, per_class=True, method=method)
+    assert found.method == method
+    assert found.weights.shape == (2, 3) and np.allclose(found.weights.sum(0), 1)
+    assert set(found.fold_weights) == {0, 1, 2}
+    # fold 0's weights are exactly what the whole per-class search chooses on folds 1 and 2 alone
+    np.testing.assert_array_equal(
+        search_weights(without, step=0.5, per_class=True, method=method).weights, found.fold_weights[0]
+    )
+    per_run = search_weights(runs, step=0.25, method=method)  # and so is the per-run search
+    np.testing.assert_array_equal(
+        search_weights(without, step=0.25, method=method).weights, per_run.fold_weights[0]
+    )
+
+
+def test_audit_ranks_planted_label_errors_first(tmp_path):
+    items, files = {}, {}
+    for i in range(10):
+        target = np.zeros((16, 16), np.int64)
+        target[2:10, 3:12] = 1 + i % 2
+        pred = target.copy()
+        if i in (3, 8):  # planted: the label says the other class
+            target[target > 0] = 3 - target[target > 0]
+        items[str(i)] = (onehot(pred, 3, 0.9), target)
+        files[str(i)] = f"img{i}.jpg"
+    run = fake_oof_run(
+        tmp_path, "r", {0: dict(list(items.items())[:5]), 1: dict(list(items.items())[5:])}, ["bg", "a", "b"],
+        file_names=files,
+    )
+    table = audit_table([run], files)
+    assert set(table["file_name"].head(2)) == {"img3.jpg", "img8.jpg"}
+    assert list(table["rank"]) == list(range(1, 11)) and table["score"].is_monotonic_decreasing
+    assert table.loc[0, "top_confusion"].endswith("(72 px)") and "->" in table.loc[0, "top_confusion"]
+
+
+def test_exclude_lists_leave_images_out_and_unknown_names_are_errors(synthetic_data, tmp_path):
+    folds = pd.read_csv(synthetic_data["folds"])
+    drop = folds["file_name"].iloc[:2].tolist()
+    (tmp_path / "exclude.txt").write_text("# judged mislabelled\n" + "\n".join(drop) + "\n")
+    raw = tiny_config_dict(synthetic_data, tmp_path)
+    raw["data"]["exclude"] = str(tmp_path / "exclude.txt")
+    train, val, _ = build_datasets(config_from_dict(raw), 0)
+    kept = {train.cache.coco.images[i].file_name for i in train.image_ids + val.image_ids}
+    assert len(kept) == len(folds) - 2 and not kept & set(drop)
+    (tmp_path / "bad.txt").write_text("nope.jpg\n")
+    raw["data"]["exclude"] = str(tmp_path / "bad.txt")
+    with pytest.raises(ConfigError, match=r"names 1 images not in the data: \['nope.jpg'\]"):
+        build_datasets(config_from_dict(raw), 0)
+    common = ["--data-root", str(synthetic_data["root"]), "--annotations", str(synthetic_data["train"])]
+    out = tmp_path / "f.csv"
+    pd.DataFrame({"file_name": drop}).to_csv(tmp_path / "exclude.csv", index=False)
+    assert (
+        main(["folds", *common, "--out", str(out), "--k", "2", "--exclude", str(tmp_path / "exclude.csv")])
+        == 0
+    )
+    assert len(pd.read_csv(out)) == len(folds) - 2
+    assert (
+        main(["folds", *common, "--out", str(tmp_path / "g.csv"), "--exclude", str(tmp_path / "bad.txt")])
+        == 1
+    )
+
+
+def test_cli_tune_apply_vote_and_audit_end_to_end(trained_run, synthetic_data, tmp_path, capsys):
+    cfg, _ = trained_run
+    run = str(cfg.output_dir / cfg.name)
+    pp = tmp_path / "postprocess.json"
+    assert main(["evaluate", "--runs", run, "--tune-postprocess", str(pp)]) == 0
+    assert "nested" in capsys.readouterr().out
+    assert json.loads(pp.read_text())["class_names"][0] == "Background"
+    root, test = str(synthetic_data["root"]), str(synthetic_data["test"])
+    probs = tmp_path / "p.npz"
+    args = [
+        "predict",
+        "--runs",
+        run,
+        "--data-root",
+        root,
+        "--test",
+        test,
+        "--workers",
+        "0",
+        "--overlays",
+        "0",
+    ]
+    assert (
+        main([*args, "--out", str(tmp_path / "a.csv"), "--save-probs", str(probs), "--postprocess", str(pp)])
+        == 0
+    )
+    ens = ["ensemble", "--probs", str(probs), str(probs), "--test", test, "--postprocess", str(pp)]
+    assert main([*ens, "--out", str(tmp_path / "b.csv")]) == 0
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()  # same route, same file
+    assert main([*ens, "--vote", "hard", "--out", str(tmp_path / "c.csv")]) == 0
+    assert (tmp_path / "c.csv").read_text() == (tmp_path / "a.csv").read_text()  # one file twice: same votes
+    other = PostProcess(["x", "y"])
+    other.save(tmp_path / "other.json")
+    assert main([*ens[:-1], str(tmp_path / "other.json"), "--out", str(tmp_path / "d.csv")]) == 1
+    assert "tuned for classes ['x', 'y']" in capsys.readouterr().err
+    assert main([*ens, "--weights", "1,-1", "--out", str(tmp_path / "e.csv")]) == 1
+    assert main(["audit", "--runs", run, "--out", str(tmp_path / "audit"), "--gallery", "3"]) == 0
+    table = pd.read_csv(tmp_path / "audit" / "audit.csv")
+    assert len(table) == 12 and table["file_name"].str.startswith("batch_").all()
+    assert len(list((tmp_path / "audit" / "gallery").glob("*.png"))) == 3
