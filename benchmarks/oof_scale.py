@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import shutil
@@ -46,6 +47,7 @@ def fabricate(
     classes: int,
     seed: int = 0,
     only: list[int] | None = None,
+    dtype: str = "uint8",
 ) -> list[Path]:
     """Run directories whose fold files hold ``config.yaml``, ``metrics.csv``, ``best.json`` and an
     ``oof.npz``: targets of a few rectangles per image, each run's probabilities a noisy softmax of them
@@ -75,7 +77,7 @@ def fabricate(
             (d / "config.yaml").write_text(cfg.to_yaml())
             (d / "best.json").write_text(json.dumps({"fold": f, "classes": names}))
             _records(d)
-            with OofWriter(d / "oof.npz", "probs", None, names, f, 255) as writer:
+            with OofWriter(d / "oof.npz", "probs", None, names, f, 255, dtype=dtype) as writer:
                 for i in np.flatnonzero(fold_of == f):
                     logits = rng.normal(0, noise, (classes, size, size)).astype(np.float32)
                     logits[targets[i], rows, cols] += 2.5
@@ -163,6 +165,7 @@ def _tool(name: str, runs: list[Path], args: argparse.Namespace) -> dict:
 
 def _child(name: str, runs: list[Path], args: argparse.Namespace, queue: multiprocessing.Queue) -> None:
     torch.set_num_threads(args.threads)
+    os.environ["OOF_WORKERS"] = str(args.workers)  # threads reading the OOF files ahead (io.read_ahead)
     start = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter()
     try:
@@ -193,17 +196,19 @@ def main() -> None:
     )
     parser.add_argument("--compare", action="store_true", help="also the exact search (every pixel)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2, help="threads reading OOF maps ahead (1: none)")
+    parser.add_argument("--dtype", choices=("uint8", "float16"), default="uint8", help="OOF probabilities as")
     parser.add_argument("--out", type=Path, default=Path("/tmp/oof_scale"))
     parser.add_argument("--keep", action="store_true", help="reuse fabricated files of the same shape")
     parser.add_argument("--use-runs", type=int, default=None, help="time the tools on the first N runs only")
     args = parser.parse_args()
 
-    shape = f"{args.images}x{args.runs}x{args.folds}x{args.size}x{args.classes}"
+    shape = f"{args.images}x{args.runs}x{args.folds}x{args.size}x{args.classes}_{args.dtype}"
     root = args.out / shape
     started = time.perf_counter()
     if not (args.keep and root.is_dir()):
         shutil.rmtree(root, ignore_errors=True)
-        runs = fabricate(root, args.images, args.runs, args.folds, args.size, args.classes)
+        runs = fabricate(root, args.images, args.runs, args.folds, args.size, args.classes, dtype=args.dtype)
     else:
         runs = sorted(p for p in root.glob("run*") if p.is_dir())
         for fold_dir in root.glob("run*/fold*"):
@@ -226,7 +231,13 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     table = pd.DataFrame(rows)
-    print(f"\n{platform.node()} {platform.processor() or platform.machine()}, torch threads {args.threads}")
+    floor = table.set_index("tool").get("cpu_s", pd.Series(dtype=float)).get("read")
+    if floor:  # every tool as a multiple of the floor: one pass that reads every map once
+        wall = table.set_index("tool")["wall_s"]["read"]
+        table.insert(3, "cpu_x_read", table["cpu_s"] / floor)
+        table.insert(4, "wall_x_read", table["wall_s"] / wall)
+    print(f"\n{platform.node()} {platform.processor() or platform.machine()}, torch threads {args.threads}, "
+          f"{args.workers} read-ahead workers, OOF {args.dtype}")  # fmt: skip
     print(table.to_string(index=False))
     table.to_csv(args.out / f"oof_scale_{shape}.csv", index=False)
 

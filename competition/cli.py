@@ -29,8 +29,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-STAGES = ("prepare", "folds", "train", "predict", "export", "pseudo", "ensemble", "validate", "evaluate",
-          "audit", "report", "demo")  # fmt: skip
+STAGES = ("prepare", "folds", "train", "sweep", "predict", "export", "pseudo", "ensemble", "validate",
+          "evaluate", "audit", "report", "demo")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,7 +71,7 @@ def trained_run(synthetic_data, tmp_path_factory):
     return cfg, results
 
 
-def fake_oof_run(root, name, folds, classes, ignore_index=255, file_names=None):
+def fake_oof_run(root, name, folds, classes, ignore_index=255, file_names=None, dtype="uint8"):
     """A finished run directory whose folds hold ``config.yaml`` (1 epoch), ``metrics.csv``, ``best.json`` and
     ``oof.npz`` built from given maps (no weights); image ``id`` is the file ``file_names[id]`` (default
     ``<id>.png``)."""
@@ -86,7 +86,7 @@ def fake_oof_run(root, name, folds, classes, ignore_index=255, file_names=None):
         (d / "config.yaml").write_text(cfg.to_yaml())
         (d / "metrics.csv").write_text("epoch,miou\n1,0.5\n")
         (d / "best.json").write_text(json.dumps({"fold": fold, "classes": classes}))
-        with OofWriter(d / "oof.npz", "probs", None, classes, fold, ignore_index) as writer:
+        with OofWriter(d / "oof.npz", "probs", None, classes, fold, ignore_index, dtype=dtype) as writer:
             for image_id, (probs, target) in items.items():
                 file_name = (file_names or {}).get(image_id, f"{image_id}.png")
                 batch = {"image_id": [image_id], "file_name": [file_name]}

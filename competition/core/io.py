@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
@@ -10,11 +11,14 @@ import signal
 import tempfile
 import threading
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
+
+T, R = TypeVar("T"), TypeVar("R")
 
 
 def _umask() -> int:
@@ -109,6 +113,34 @@ class NpzStreamWriter:
             _publish(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
+
+
+def read_ahead(
+    read: Callable[[T], R], items: Iterable[T], workers: int, depth: int | None = None
+) -> Iterator[R]:
+    """``read(item)`` of every item, in order, with up to ``depth`` (default ``2 * workers``) of them read
+    ahead by ``workers`` threads: decompression (zlib) and numpy release the GIL, so files are read on every
+    core while the caller works on what came before. ``workers <= 1``: plain, in this thread."""
+    if workers <= 1:
+        yield from map(read, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for item in items:
+            pending.append(pool.submit(read, item))
+            if len(pending) >= (depth or 2 * workers):
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (``OOF_WORKERS`` overrides it for the OOF tools)."""
+    if os.environ.get("OOF_WORKERS"):
+        return max(1, int(os.environ["OOF_WORKERS"]))
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import pandas as pd
 from ..core.metrics import miou_of
 from ..data.images import read_image
 from ..data.panels import save_panels
-from ..predictions.oof import OofRuns
+from ..predictions.oof import OofRuns, opened
 from ..predictions.voting import class_weights, hard_vote, soft_scores
 from .nested import FoldTable
 
@@ -53,14 +53,14 @@ class OofScores:
 
 
 def score_oof(
-    runs: Sequence[str | os.PathLike],
+    runs: Sequence[str | os.PathLike] | OofRuns,
     weights: np.ndarray | Sequence[float] | None = None,
     allow_partial: bool = False,
     files: Mapping[str, str] | None = None,
 ) -> OofScores:
     """The ``OofScores`` of ``runs`` (per-run or per-run-and-class ``weights`` for the votes). With ``files``
     (image id -> file name) the same pass also ranks every image as ``audit_table`` does."""
-    oof = OofRuns(runs, allow_partial)
+    oof = opened(runs, allow_partial)
     scorer = OofScorer(oof, weights, files)
     for item in oof:
         scorer.add(*item)
@@ -101,7 +101,7 @@ class OofScorer:
 
 
 def evaluate_oof(
-    runs: Sequence[str | os.PathLike],
+    runs: Sequence[str | os.PathLike] | OofRuns,
     weights: np.ndarray | Sequence[float] | None = None,
     allow_partial: bool = False,
 ) -> pd.DataFrame:
@@ -146,14 +146,14 @@ def image_scores(probs: np.ndarray, target: np.ndarray, names: Sequence[str], ig
 
 
 def audit_table(
-    runs: Sequence[str | os.PathLike],
+    runs: Sequence[str | os.PathLike] | OofRuns,
     files: Mapping[str, str],
     weights: np.ndarray | Sequence[float] | None = None,
     allow_partial: bool = False,
 ) -> pd.DataFrame:
     """Every OOF image with its scores and file name (``files``: image id -> file name), worst first
     (``rank`` 1 = most suspicious)."""
-    oof = OofRuns(runs, allow_partial)
+    oof = opened(runs, allow_partial)
     oof.check_files(files, "the runs' data")
     return _ranked([_audit_row(k, f, files, soft_scores(p, weights), t, oof) for k, f, p, t in oof])
 
@@ -182,7 +182,7 @@ def write_gallery(
 ) -> list[Path]:
     """Image | label | OOF prediction panels of the first ``count`` rows of ``table`` (images under
     ``root``; a missing image leaves its panel out)."""
-    oof = OofRuns(runs, allow_partial)
+    oof = opened(runs, allow_partial)
     written = []
     for row in table.head(count).itertuples():  # only the drawn images are decompressed
         _, probs, target = oof.read(str(row.image_id))

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..core.metrics import confusion, miou_of
 from ..predictions import provenance
 from ..predictions.crf import CrfSettings, dense_crf
-from ..predictions.oof import OofRuns
+from ..predictions.oof import OofRuns, opened
 from ..predictions.postprocess import PostProcess, enclosed
 from ..predictions.voting import combine
 from .nested import FoldTable, nested_folds
@@ -84,7 +84,7 @@ class Tuned:
 
 
 def tune(
-    runs: Sequence[str | os.PathLike],
+    runs: Sequence[str | os.PathLike] | OofRuns,
     weights: np.ndarray | Sequence[float] | None = None,
     fold_weights: Mapping[int, np.ndarray] | None = None,
     allow_partial: bool = False,
@@ -95,7 +95,7 @@ def tune(
     without each fold (``ensemble.WeightSearch.fold_weights``). The nested score then post-processes fold f
     with settings tuned, on the other folds, on the vote of fold f's weights: neither choice saw fold f.
     """
-    oof = OofRuns(runs, allow_partial)
+    oof = opened(runs, allow_partial)
     tuner = Tuner(oof, weights, fold_weights)
     for item in oof:
         tuner.add(*item)

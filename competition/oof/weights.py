@@ -24,7 +24,7 @@ import pandas as pd
 
 from ..core.io import atomic_write_text
 from ..predictions import provenance
-from ..predictions.oof import OofRuns
+from ..predictions.oof import OofRuns, opened
 from ..predictions.voting import class_weights
 from .nested import FoldTable, nested_folds
 from .sample import OofSample, column_counts, sample_oof, vote_counts
@@ -98,7 +98,7 @@ def search_weights(
     if method not in SEARCHES:
         raise ValueError(f"unknown weight search {method!r}: use one of {SEARCHES}")
     step = grid_step(step)
-    oof = runs if isinstance(runs, OofRuns) else OofRuns(runs, allow_partial)  # opened once by evaluate
+    oof = opened(runs, allow_partial)
     members, classes = len(oof.runs), oof.num_classes
     if members < 2:
         raise ValueError("weight search needs at least two runs")

@@ -58,6 +58,7 @@ from .averaging import CheckpointAverage
 from .optim import build_criterion, build_optimizer, build_scheduler
 from .records import Curves, FoldResult, best_meta, epoch_line, estimate_line, startup_line
 from .resume import finished_fold, init_weights, last_state, record_folds, restore
+from .resume import load_state as resume_state
 from .tracking import TRACKING, Trackers
 from .validation import evaluate, write_oof
 
@@ -152,6 +153,14 @@ class FoldRun:
         """Restore every state from ``last.ckpt`` (``resume.restore``)."""
         restore(self)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything ``last.ckpt`` holds after the epochs done (``resume.last_state``: the schema)."""
+        return last_state(self, self.epoch_done + 1)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put a ``state_dict`` back (``resume.load_state``)."""
+        resume_state(self, state)
+
     # ---------------------------------------------------------------------------------------- training
     def train_epoch(self, model: nn.Module, epoch: int) -> float:
         """One pass over the training loader; returns the mean loss over all ranks."""
@@ -241,7 +250,7 @@ class FoldRun:
         atomic_write_csv(self.run_dir / "metrics.csv", frame)
         self.curves.update(frame, force=epoch + 1 == self.cfg.train.epochs)
         if (epoch + 1) % self.cfg.train.checkpoint_every == 0 or epoch + 1 == self.cfg.train.epochs:
-            ckpt.save_last(self.run_dir / ckpt.LAST, last_state(self, epoch + 1))
+            ckpt.save_last(self.run_dir / ckpt.LAST, self.state_dict())
 
     def run(self, on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> FoldResult:
         if self.resuming:

@@ -107,13 +107,29 @@ def finished_fold(cfg: Config, fold: int) -> FoldResult | None:
 
 
 def last_state(run: Any, epochs_done: int) -> dict[str, Any]:
-    """What ``last.ckpt`` holds for a ``train.FoldRun`` after ``epochs_done`` epochs (``restore`` reads it
-    back): model, optimizer, scheduler, scaler, EMA and checkpoint-average states, best score, skipped
-    steps and RNG states."""
+    """What ``last.ckpt`` holds for a ``train.FoldRun`` after ``epochs_done`` epochs (``load_state`` puts it
+    back; the one place of the schema): model, optimizer, scheduler, scaler, EMA and checkpoint-average
+    states, best score, skipped steps and RNG states."""
     state = {name: getattr(run, name).state_dict() for name in ("model", "optimizer", "scheduler")}
     state |= {"scaler": run.scaler.state_dict(), "epoch": epochs_done, "best": run.best}
     state |= {"ema": run.ema.state_dict() if run.ema is not None else None}
     return state | {"swa": run.swa.state_dict(), "skipped": run.skips, "rng": ckpt.rng_state()}
+
+
+def load_state(run: Any, state: dict[str, Any]) -> None:
+    """Put ``last_state``'s dictionary back into a ``train.FoldRun`` (``FoldRun.load_state_dict``): every
+    state, the epoch to start from, and the learning rate of this step in the schedule now planned."""
+    for name in ("model", "optimizer", "scheduler", "scaler"):
+        getattr(run, name).load_state_dict(state[name])
+    sched = run.scheduler
+    for group, base, factor in zip(run.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * factor(sched.last_epoch)
+    if run.ema is not None and state["ema"] is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.swa.load_state_dict(state.get("swa"), state["epoch"] - 1)
+    run.epoch_done = state["epoch"] - 1
+    run.start_epoch, run.best, run.skips = state["epoch"], dict(state["best"]), dict(state["skipped"])
+    ckpt.set_rng_state(state["rng"])
 
 
 def restore(run: Any) -> None:
@@ -127,21 +143,11 @@ def restore(run: Any) -> None:
         return
     state = ckpt.load_last(last, run.device)
     ckpt.check_resumable(run.cfg, ckpt.read_run_config(run.run_dir), run.run_dir)
-    for name in ("model", "optimizer", "scheduler", "scaler"):
-        getattr(run, name).load_state_dict(state[name])
-    sched = run.scheduler
-    for group, base, factor in zip(run.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-        group["lr"] = base * factor(sched.last_epoch)
-    if run.ema is not None and state["ema"] is not None:
-        run.ema.load_state_dict(state["ema"])
-    run.swa.load_state_dict(state.get("swa"), state["epoch"] - 1)
-    run.epoch_done = state["epoch"] - 1
-    run.start_epoch, run.best, run.skips = state["epoch"], dict(state["best"]), dict(state["skipped"])
+    run.load_state_dict(state)
     if (run.run_dir / ckpt.BEST_META).is_file():
         meta = ckpt.read_best_meta(run.run_dir)
         if meta["miou"] > run.best["miou"]:
             run.best = {"miou": meta["miou"], "epoch": meta["epoch"]}
-    ckpt.set_rng_state(state["rng"])
     metrics = run.run_dir / "metrics.csv"
     if metrics.is_file():
         run.rows = pd.read_csv(metrics).query(f"epoch <= {run.start_epoch}").to_dict("records")

@@ -16,6 +16,7 @@ from competition.core.config_file import config_from_dict
 from competition.core.io import OutputExistsError
 from competition.core.runtime import collate
 from competition.data.splits import build_datasets
+from competition.predictions.oof import decode_probs
 from competition.train.loop import NonFiniteLossError, evaluate, train_fold
 from smp_unet3p.losses import DeepSupervisionLoss, get_loss
 from tests.conftest import tiny_config_dict
@@ -73,9 +74,9 @@ def test_oof_file_covers_the_validation_fold(trained_run):
         with np.load(r.run_dir / "oof.npz") as oof:
             ids = sorted(oof["image_ids"].tolist())
             assert ids == sorted(str(i) for i in folds.loc[folds["fold"] == r.fold, "image_id"])
-            probs = oof[f"pred__{ids[0]}"]
-            assert probs.dtype == np.float16 and probs.shape == (11, 64, 64)
-            assert np.allclose(probs.astype(np.float32).sum(0), 1.0, atol=1e-2)
+            levels = oof[f"pred__{ids[0]}"]  # uint8 levels p x 255
+            assert levels.dtype == np.uint8 and levels.shape == (11, 64, 64)
+            assert np.allclose(decode_probs(levels).sum(0), 1.0, atol=11 * 1.5 / 255)
             assert oof[f"target__{ids[0]}"].shape == (64, 64)
 
 

@@ -1,0 +1,99 @@
+"""Issue "The OOF tools at the floor": OOF probabilities stored as uint8 levels give the same choices as
+float16 files (weights, post-processing, audit ranking, OOF mIoU), float16 files (older ones) still read, and
+the maps read ahead on several threads give exactly what one thread gives."""
+
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from competition.oof.scores import audit_table, evaluate_oof
+from competition.oof.tune import tune
+from competition.oof.weights import search_weights
+from competition.predictions.oof import DTYPE_KEY, OofRuns, decode_probs, to_uint8
+
+CLASSES = ["bg", "a", "b", "c"]
+
+
+def _runs(root, dtype, images=16, side=48, runs=3, folds=2):
+    """Runs of noisy softmax OOF maps of rectangle targets (the oof_scale recipe, small), one run noisier
+    than the next; the same numbers whatever ``dtype`` stores them."""
+    from tests.conftest import fake_oof_run
+
+    rng = np.random.default_rng(0)
+    targets = []
+    for _ in range(images):
+        t = np.zeros((side, side), np.int64)
+        for _ in range(rng.integers(1, 4)):
+            y, x = rng.integers(0, side - 8, 2)
+            t[y : y + rng.integers(4, side // 2), x : x + rng.integers(4, side // 2)] = rng.integers(1, 4)
+        targets.append(t)
+    made = []
+    for r in range(runs):
+        rng = np.random.default_rng([1, r])
+        items = {f: {} for f in range(folds)}
+        for i, t in enumerate(targets):
+            logits = rng.normal(0, 1.0 + 0.4 * r, (len(CLASSES), side, side)).astype(np.float32)
+            np.put_along_axis(logits, t[None], np.take_along_axis(logits, t[None], 0) + 2.0, 0)
+            items[i % folds][str(i)] = (torch.from_numpy(logits).softmax(0).numpy(), t)
+        made.append(fake_oof_run(root, f"r{r}", items, CLASSES, dtype=dtype))
+    return made
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    root = tmp_path_factory.mktemp("oof_format")
+    return {dtype: _runs(root / dtype, dtype) for dtype in ("float16", "uint8")}
+
+
+def test_uint8_levels_keep_every_arg_max_and_decode_to_within_half_a_level():
+    probs = torch.rand(5, 64, 64).softmax(0)
+    probs[:, 0, 0] = torch.tensor([0.3, 0.3001, 0.1333, 0.1333, 0.1333])  # rounds to a tie: 77 and 77
+    levels = to_uint8(probs)
+    assert levels.dtype == np.uint8 and levels.shape == (5, 64, 64)
+    assert np.array_equal(levels.argmax(0), probs.argmax(0).numpy())
+    assert np.abs(decode_probs(levels) - probs.numpy()).max() <= 1.5 / 255 + 1e-6  # rounding + the bump
+
+
+def test_uint8_and_float16_files_make_the_same_choices(both):
+    stored = np.load(both["uint8"][0] / "fold0" / "oof.npz")
+    assert stored["pred__0"].dtype == np.uint8 and str(stored[DTYPE_KEY].reshape(-1)[0]) == "uint8"
+    scores = {k: evaluate_oof(v) for k, v in both.items()}
+    assert np.abs(scores["float16"]["miou"] - scores["uint8"]["miou"]).max() < 1e-3  # every fold, run, vote
+    found = {k: search_weights(v, step=0.25) for k, v in both.items()}
+    assert found["float16"].weights.tolist() == found["uint8"].weights.tolist()
+    assert abs(found["float16"].nested - found["uint8"].nested) < 1e-3
+    tuned = {k: tune(v) for k, v in both.items()}
+    assert tuned["float16"].postprocess.min_area == tuned["uint8"].postprocess.min_area
+    assert tuned["float16"].postprocess.fill_holes == tuned["uint8"].postprocess.fill_holes
+    files = {str(i): f"{i}.png" for i in range(16)}
+    top = {k: audit_table(v, files)["file_name"].head(5).tolist() for k, v in both.items()}
+    assert top["float16"] == top["uint8"]
+
+
+def test_uint8_files_are_smaller_and_files_without_the_format_key_still_read(both, tmp_path):
+    size = {k: sum(p.stat().st_size for r in v for p in r.glob("fold*/oof.npz")) for k, v in both.items()}
+    assert size["uint8"] < 0.75 * size["float16"]
+    old = both["float16"][0] / "fold0" / "oof.npz"  # written before the key existed
+    data = dict(np.load(old))
+    del data[DTYPE_KEY]
+    np.savez(tmp_path / "old.npz", **data)
+    assert decode_probs(np.load(tmp_path / "old.npz")["pred__0"]).dtype == np.float16
+
+
+def test_maps_read_ahead_on_threads_give_what_one_thread_gives(both):
+    runs = both["uint8"]
+    one, two = OofRuns(runs, workers=1), OofRuns(runs, workers=2)
+    for (k1, f1, p1, t1), (k2, f2, p2, t2) in zip(one, two, strict=True):
+        assert (k1, f1) == (k2, f2) and np.array_equal(t1, t2)
+        assert all(np.array_equal(a, b) for a, b in zip(p1, p2))
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("OOF_WORKERS", "1")
+        single = evaluate_oof(runs)
+    m2 = pytest.MonkeyPatch()
+    m2.setenv("OOF_WORKERS", "2")
+    try:
+        pd.testing.assert_frame_equal(single, evaluate_oof(runs))
+    finally:
+        m2.undo()
