@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,12 +150,20 @@ def storage_of(url: str | None, runs: Path, study: str) -> Any:
     if not url:
         (runs / study).mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{(runs / study / 'study.db').resolve()}"
-    with warnings.catch_warnings():  # Optuna marks the heartbeat experimental; it has been stable since v2.8
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )  # fmt: skip
+    # SQLite: wait for another worker's lock instead of failing after sqlite's 5 s
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
+    for attempt in range(6):  # workers started together race to create the tables of a new storage
+        try:
+            with warnings.catch_warnings():  # Optuna marks the heartbeat experimental (stable since v2.8)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )  # fmt: skip
+        except Exception:
+            if attempt == 5:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def optuna_module() -> Any:
