@@ -62,9 +62,12 @@ def predict(
     check_writable(out, overwrite)
     if save_probs:
         check_writable(save_probs, overwrite)
-    coco = folder_index(test_json) if Path(test_json).is_dir() else load_coco(test_json, data_root)
-    image_names = [info.file_name for info in coco.images.values()]
-    check_images(data_root, image_names, str(test_json), "--data-root")  # before any model loads
+    if Path(test_json).is_dir():  # --images DIR: indexing it reads every image already
+        coco = folder_index(test_json)
+    else:
+        coco = load_coco(test_json, data_root)
+        image_names = [info.file_name for info in coco.images.values()]
+        check_images(data_root, image_names, str(test_json), "--data-root")  # before any model loads
     loaded = load_runs(runs, weights, device, allow_partial, engine)
     specs, names = loaded.specs, loaded.names
     post = PostProcess.load(postprocess, names, loaded.background) if postprocess else None

@@ -232,7 +232,7 @@ def tune_crf(
     options: list[CrfSettings | None] = [None, *candidates]
     classes, ignore = oof.num_classes, oof.ignore_index
     bases = {None: weights} | {f: (fold_weights or {}).get(f, weights) for f in oof.folds}
-    keys = {b: None if w is None else tuple(np.ravel(w).round(12)) for b, w in bases.items()}
+    keys = {b: _weights_key(w) for b, w in bases.items()}
     votes = {keys[b]: bases[b] for b in bases}  # one vote (and CRF run) per distinct weight vector
     counts: dict[tuple[Any, int], np.ndarray] = {}  # (weights key, fold) -> [option, classes, classes]
     for key, fold, probs, target in tqdm(oof, total=len(oof), desc="crf", unit="img", disable=not progress):

@@ -141,6 +141,7 @@ def storage_of(url: str | None, runs: Path, study: str) -> Any:
     ``journal:PATH`` (Optuna's journal file). RDB storages keep a heartbeat, so a dead worker's trial is
     retried."""
     optuna = optuna_module()
+    import sqlalchemy.exc
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     if url and url.startswith("journal:"):
@@ -160,7 +161,7 @@ def storage_of(url: str | None, runs: Path, study: str) -> Any:
                     url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                 )  # fmt: skip
-        except Exception:
+        except sqlalchemy.exc.SQLAlchemyError:  # a bad URL or a missing driver fails at once
             if attempt == 5:
                 raise
             time.sleep(0.5 * (attempt + 1))
