@@ -1,8 +1,11 @@
 """Encoders by name with offline-first pretrained weights.
 
 ``encoder_weights`` may be what smp accepts (``None``, ``"imagenet"``, ``True`` for ``tu-`` encoders) or a
-local file / directory holding a state dict (``.safetensors``, ``.pth``, ``.pt``, ``.bin``). Local files are
-read without executing pickled code (safetensors, or ``torch.load(weights_only=True)``).
+local file / directory holding a state dict (``.safetensors``, ``.pth``, ``.pt``, ``.bin``). A directory may
+hold one file per encoder, named after it (``tu-efficientnet_lite1.pth`` or ``efficientnet_lite1.pth``, as a
+Kaggle dataset of weights does), so one path serves every encoder a sweep or an ensemble tries; otherwise
+its one ``model.safetensors`` (or ``encoder.safetensors``, ``pytorch_model.bin``, ``model.pth``) is read.
+Local files are read without executing pickled code (safetensors, or ``torch.load(weights_only=True)``).
 
 Key matching (``load_encoder_weights``):
 
@@ -64,7 +67,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         found = [path / name for name in _DIR_CANDIDATES if (path / name).is_file()]
         if not found:
             raise FileNotFoundError(
-                f"No weights file in directory {path}; expected one of {', '.join(_DIR_CANDIDATES)}"
+                f"No weights file in directory {path}; expected one named after the encoder "
+                f"(<encoder_name>.safetensors or .pth) or one of {', '.join(_DIR_CANDIDATES)}"
             )
         path = found[0]
     if not path.is_file():
@@ -246,6 +250,17 @@ def download_hint(encoder_name: str, weights: Any) -> Iterator[None]:
         ) from exc
 
 
+def weights_for(name: str, weights: str | os.PathLike) -> str | os.PathLike:
+    """In a weights directory, the file named after encoder ``name`` (with or without smp's ``tu-``
+    prefix, any of ``WEIGHT_SUFFIXES``) when there is one; else ``weights`` unchanged."""
+    folder = Path(weights).expanduser()
+    if not folder.is_dir():
+        return weights
+    stems = dict.fromkeys([name, name.removeprefix("tu-")])
+    named = [folder / f"{stem}{suffix}" for stem in stems for suffix in WEIGHT_SUFFIXES]
+    return next((str(p) for p in named if p.is_file()), weights)
+
+
 def get_encoder(
     name: str,
     in_channels: int = 3,
@@ -256,6 +271,6 @@ def get_encoder(
     """smp's ``get_encoder`` that also accepts a local weights path and explains offline failures."""
     if is_local_weights(weights):
         encoder = smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth, weights=None, **kwargs)
-        return load_encoder_weights(encoder, weights)
+        return load_encoder_weights(encoder, weights_for(name, weights))
     with download_hint(name, weights):
         return smp.encoders.get_encoder(name, in_channels=in_channels, depth=depth, weights=weights, **kwargs)

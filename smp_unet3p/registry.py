@@ -16,7 +16,7 @@ from torch import nn
 from ._names import did_you_mean
 from .decoders.deep_supervision import DEEP_SUPERVISED
 from .decoders.unet3plus import Unet3Plus
-from .encoders import download_hint, is_local_weights, load_encoder_weights
+from .encoders import download_hint, is_local_weights, load_encoder_weights, weights_for
 
 __all__ = [
     "register",
@@ -121,7 +121,7 @@ def create_model(
 
     ``deep_supervision`` with ``unet`` / ``unetplusplus`` builds smp's model with side outputs
     (``DSUnet`` / ``DSUnetPlusPlus``). ``encoder_weights`` may also be a local ``.safetensors``/``.pth`` file
-    or directory, for every
+    or directory (one file per encoder named after it, or one model file), for every
     architecture (loaded into ``model.encoder`` with strict key/shape checks). Keywords the architecture
     (or a ``tu-`` encoder) does not take are an error (``check_model_kwargs``), never dropped.
     """
@@ -137,5 +137,5 @@ def create_model(
             **kwargs,
         )
     if local and cls is not Unet3Plus:
-        load_encoder_weights(model.encoder, encoder_weights)
+        load_encoder_weights(model.encoder, weights_for(encoder_name, encoder_weights))
     return model

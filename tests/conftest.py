@@ -119,3 +119,25 @@ def readme_command_lines(section: str | None = None) -> list[str]:
             if start >= 0:
                 lines.append(re.sub(r"\s+#.*$", "", line[start:].split("&&")[0]).strip())
     return lines
+
+
+def browser() -> str | None:
+    """A headless-capable Chromium on PATH (``.ci/run`` installs Debian's), or None."""
+    import shutil
+
+    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+
+
+BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                 "--enable-logging=stderr"]  # fmt: skip
+
+
+def chromium_dom(page: Path) -> str:
+    """The DOM of ``page`` after load, as headless Chromium serialises it; fails on a script error."""
+    import subprocess
+
+    dom = subprocess.run([browser(), *BROWSER_FLAGS, "--dump-dom", page.resolve().as_uri()],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "Uncaught" not in dom.stderr  # no script error
+    return dom.stdout

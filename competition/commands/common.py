@@ -87,9 +87,11 @@ def add_prediction_inputs(p: argparse.ArgumentParser, test_help: str, folder: bo
         )  # fmt: skip
 
 
-def add_runs_args(p: argparse.ArgumentParser) -> None:
+def add_runs_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     add_allow_partial(p)
-    p.add_argument("--runs", nargs="+", required=True, type=Path, help="run dirs trained on the same folds")
+    p.add_argument(
+        "--runs", nargs="+", required=required, type=Path, help="run dirs trained on the same folds"
+    )
     p.add_argument("--weights", default=None, help="comma-separated weight per run")
 
 

@@ -1,9 +1,11 @@
 """``competition report``:
-one self-contained HTML report of runs (curves, OOF scores, confusion, worst images)."""
+one self-contained HTML report of runs (curves, OOF scores, confusion, worst images) and/or of a sweep's
+study (trials, history, parameter importance)."""
 
 from __future__ import annotations
 
 import argparse
+import html
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +17,19 @@ def add(sub: Any) -> None:
     p = sub.add_parser(
         "report",
         help="one self-contained HTML report of runs: config, curves, OOF scores, per-class IoU, confusion "
-        "matrix, worst OOF images, submission class distribution",
+        "matrix, worst OOF images, submission class distribution; and/or of a sweep's study (--study)",
     )
-    add_runs_args(p)
+    add_runs_args(p, required=False)
+    p.add_argument(
+        "--study", default=None,
+        help="a competition sweep study: its trials (state, score, epochs, parameters, why failed or "
+        "pruned), history and the parameters' importance",
+    )  # fmt: skip
+    p.add_argument("--storage", default=None, help="with --study: the sweep's --storage URL, if it gave one")
+    p.add_argument(
+        "--study-dir", type=Path, default=Path("runs"),
+        help="with --study and no --storage: the runs folder holding <study>/study.db (default: runs)",
+    )  # fmt: skip
     p.add_argument(
         "--weights-file", type=Path, default=None,
         help="weights.json of evaluate --save-weights: the vote of the submission (matched by run name)",
@@ -31,6 +43,29 @@ def add(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.config import ConfigError
+
+    if not (args.runs or args.study):
+        raise ConfigError("give --runs RUN [RUN ...] and/or --study NAME")
+    extra = []
+    if args.study:
+        from ..train.trials import study_section
+
+        extra = study_section(args.study, args.storage, args.study_dir)
+    if args.runs:
+        path = _run_report(args, extra)
+    else:
+        from ..core.html import write_page
+        from ..core.io import check_writable
+
+        title = f"Sweep report: {args.study}"
+        heading = f"<h1>{html.escape(title)}</h1>"
+        path = write_page(check_writable(args.out, args.overwrite), title, [heading, *extra])
+    print(f"report: {path.resolve()} (self-contained; open it in a browser: file://{path.resolve()})")
+    return 0
+
+
+def _run_report(args: argparse.Namespace, extra: list[str]) -> Path:
     from ..oof.report import build_report
 
     weights = floats(args.weights)
@@ -38,9 +73,7 @@ def run(args: argparse.Namespace) -> int:
         from ..predictions.weights_file import weights_for_runs
 
         weights = weights_for_runs(args.weights_file, args.runs)
-    path = build_report(
+    return build_report(
         args.runs, args.out, args.submission, args.format, args.size or None, args.worst, args.overwrite,
-        weights=weights, allow_partial=args.allow_partial,
+        weights=weights, allow_partial=args.allow_partial, extra=extra,
     )  # fmt: skip
-    print(f"report: {path.resolve()} (self-contained; open it in a browser: file://{path.resolve()})")
-    return 0

@@ -9,10 +9,8 @@ with a submission, its class pixel distribution next to the training labels'.
 
 from __future__ import annotations
 
-import base64
 import datetime
 import html
-import io
 import os
 import tempfile
 from collections.abc import Sequence
@@ -23,54 +21,13 @@ import numpy as np
 import pandas as pd
 
 from ..core.checkpoint import fold_dirs, read_best_meta, read_run_config
-from ..core.io import atomic_write_text, check_writable
+from ..core.html import img, png, pyplot, write_page
+from ..core.html import table as html_table
+from ..core.io import check_writable
 from ..core.metrics import iou_of
 from ..data.splits import data_files
 from ..predictions.submission import class_pixel_counts
 from .scores import score_oof, write_gallery
-
-STYLE = """
-body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1200px;color:#222;padding:0 16px}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:2em}
-table{border-collapse:collapse;margin:8px 0;font-size:.9em}
-td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
-th{background:#f3f3f3}img{max-width:100%;display:block;margin:8px 0}.note{color:#666;font-size:.9em}
-td{max-width:36em;overflow-wrap:anywhere}.partial{color:#a40000}
-"""
-# the browser check (tests/competition/oof/test_report.py) reads these attributes after the page has loaded
-CHECK = """<script>
-window.addEventListener("load", () => {
-  const images = [...document.images];
-  const ok = images.filter((i) => i.complete && i.naturalWidth > 0).length;
-  document.body.dataset.imagesOk = ok + "/" + images.length;
-});
-</script>"""
-
-
-def _png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return _img(buffer.getvalue())
-
-
-def _img(data: bytes, alt: str = "figure") -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-
-
-def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-", border=0)
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def config_summary(runs: Sequence[Path]) -> pd.DataFrame:
@@ -97,7 +54,7 @@ def config_summary(runs: Sequence[Path]) -> pd.DataFrame:
 
 
 def curves_figure(runs: Sequence[Path]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(runs), 2, figsize=(12, 3.2 * len(runs)), squeeze=False)
     for (ax_miou, ax_loss), run in zip(axes, runs):
         for d in fold_dirs(run):
@@ -117,7 +74,7 @@ def curves_figure(runs: Sequence[Path]) -> str:
             ax.grid(alpha=0.3)
         ax_miou.legend(fontsize=8)
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)
 
 
 def best_epochs(runs: Sequence[Path]) -> pd.DataFrame:
@@ -132,7 +89,7 @@ def best_epochs(runs: Sequence[Path]) -> pd.DataFrame:
 
 
 def per_class_section(matrices: dict[str, np.ndarray], names: list[str]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     table = pd.DataFrame({"class": names} | {run: iou_of(m) for run, m in matrices.items()})
     table["label pixels"] = next(iter(matrices.values())).sum(1)
     fig, ax = plt.subplots(figsize=(12, 3.8))
@@ -144,11 +101,11 @@ def per_class_section(matrices: dict[str, np.ndarray], names: list[str]) -> str:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _table(table) + _png(fig)
+    return html_table(table) + png(fig)
 
 
 def confusion_figure(matrix: np.ndarray, names: list[str], title: str) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     norm = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(1.0 + 0.62 * len(names), 0.6 + 0.55 * len(names)))
     image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
@@ -163,7 +120,7 @@ def confusion_figure(matrix: np.ndarray, names: list[str], title: str) -> str:
     ax.set_ylabel("label")
     ax.set_title(title)
     fig.colorbar(image, fraction=0.04)
-    return _png(fig)
+    return png(fig)
 
 
 def worst_images(
@@ -172,15 +129,15 @@ def worst_images(
     """The ``count`` worst rows of the audit ``table`` and their gallery panels (only those decompressed)."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_gallery(runs, table, root, Path(tmp), count, weights, allow_partial)
-        images = "".join(_img(p.read_bytes(), p.stem) for p in paths)
+        images = "".join(img(p.read_bytes(), p.stem) for p in paths)
     shown = table.head(count)[["rank", "file_name", "fold", "score", "pixel_error", "top_confusion"]]
-    return _table(shown) + images
+    return html_table(shown) + images
 
 
 def distribution_figure(
     submission: Path, train: np.ndarray, names: list[str], fmt: str, size: int | None, background: int | None
 ) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     test = class_pixel_counts(submission, len(names), fmt, size, background)
     fig, ax = plt.subplots(figsize=(12, 3.5))
     x = np.arange(len(names))
@@ -190,7 +147,7 @@ def distribution_figure(
     ax.set_yscale("log")
     ax.set_ylabel("share of pixels")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def partial_note(problems: Sequence[str]) -> list[str]:
@@ -212,9 +169,11 @@ def build_report(
     overwrite: bool = False,
     weights: np.ndarray | Sequence[float] | None = None,
     allow_partial: bool = False,
+    extra: Sequence[str] = (),
 ) -> Path:
     """Write the report of ``runs`` (trained on the same folds) to ``out`` and return its path. ``weights``
-    (per run, or per run and class): the vote shown, as the submission was made."""
+    (per run, or per run and class): the vote shown, as the submission was made. ``extra``: more HTML
+    sections appended (a sweep's study: ``train.trials.study_section``)."""
     out = check_writable(out, overwrite)
     runs = [Path(r) for r in runs]
     title = "Run report: " + ", ".join(r.name for r in runs)
@@ -227,16 +186,16 @@ def build_report(
         f'<p class="note">written {datetime.datetime.now():%Y-%m-%d %H:%M} from '
         f"{html.escape(', '.join(str(r) for r in runs))}</p>",
         "<h2>Config</h2>",
-        _table(config_summary(runs)),
+        html_table(config_summary(runs)),
         "<h2>Training curves</h2>",
         curves_figure(runs),
         "<h2>Best epoch per fold</h2>",
-        _table(best_epochs(runs)),
+        html_table(best_epochs(runs)),
         "<h2>Out-of-fold scores</h2>",
         '<p class="note">Each image is scored by the fold model that never trained on it: the CV score of '
         "each run's fold ensemble, and of the runs' soft / hard vote.</p>",
         *partial_note(scores.partial),
-        _table(scores.frame()),
+        html_table(scores.frame()),
     ]
     names = scores.class_names
     matrices = {m: scores.table.matrix(m) for m in scores.runs + scores.votes[:1]}  # runs and soft vote
@@ -259,8 +218,4 @@ def build_report(
                 Path(submission), train_pixels, names, fmt, size, cfg.data.background_index()
             ),
         ]
-    page = (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-        f"<style>{STYLE}</style>{CHECK}</head>\n<body>\n" + "\n".join(parts) + "\n</body></html>\n"
-    )
-    return atomic_write_text(out, page, overwrite=True)
+    return write_page(out, title, parts + list(extra))

@@ -6,6 +6,7 @@ A search space is YAML over dotted config keys::
     optimizer.lr: {low: 1.0e-4, high: 3.0e-3, log: true}         # float range
     model.params.decoder_cat_channels: {low: 16, high: 64, step: 16, int: true}
     model.params.cgm: {values: [true, false], when: {model.arch: unet3plus}}   # only for that architecture
+    augment.scale: [[0.5, 2.0], [0.75, 1.5]]                     # list values: Optuna sees their YAML text
 
 Every key and every value of it is checked against the base config (with the config's own did-you-mean)
 before any trial. Trial ``n`` is the run ``<output_dir>/<study>/trial_<n>`` (full config, provenance,
@@ -115,8 +116,10 @@ def sample(trial: Any, params: list[Param], base: Config) -> list[str]:
     for param in params:
         if any(chosen.get(k, flat.get(k)) != v for k, v in param.when.items()):
             continue
-        if param.values is not None:
-            value = trial.suggest_categorical(param.key, param.values)
+        if param.values is not None:  # Optuna's choices are scalars: a list value goes as its YAML text
+            choices = {_override("", v).removeprefix("=") if isinstance(v, (list, dict)) else v: v
+                       for v in param.values}  # fmt: skip
+            value = choices[trial.suggest_categorical(param.key, list(choices))]
         elif param.int:
             value = trial.suggest_int(param.key, int(param.low), int(param.high), step=int(param.step or 1),
                                       log=param.log)  # fmt: skip
@@ -271,6 +274,7 @@ def _train_trial(trial: Any, base: Config, params: list[Param], run_dir: Path, f
             miou = row["miou"]
             trial.report(miou if math.isfinite(miou) else 0.0, offset + epoch)
             if trial.should_prune():  # the epoch's files are written: the run stops at its boundary
+                trial.set_user_attr("pruned", f"after epoch {epoch + 1} of fold {k}")
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} of fold {k}")
 
         best.append(train_fold(cfg, k, resume=resume, on_epoch_end=report).best_miou)

@@ -270,11 +270,14 @@ def test_an_interrupt_at_the_end_of_an_epoch_keeps_its_summary_line(synthetic_da
         original(self, epoch, row, improved)
 
     train_module.FoldRun.save = signalled
+    # pytest started as a background job (`pytest &`) has SIGINT ignored: give it Python's Ctrl-C handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             train_module.train_fold(config_from_dict(tiny_config_dict(synthetic_data, tmp_path)), 0)
     finally:
         train_module.FoldRun.save = original
+        signal.signal(signal.SIGINT, previous)
     assert "fold 0 epoch 1/2" in capsys.readouterr().out
 
 

@@ -142,3 +142,20 @@ def test_real_imagenet_lite0_weights_load_offline():
     assert torch.equal(timm_net.blocks[6][0].conv_pwl.weight, source["_blocks.15._project_conv.weight"])
     with pytest.raises(EncoderWeightsError, match="Missing keys"):
         load_encoder_weights(model.encoder, path, key_mapping="by_name")
+
+
+def test_a_weights_folder_serves_each_encoder_its_own_file(tmp_path):
+    """One folder for every encoder a sweep tries: the file named after the encoder (with or without smp's
+    ``tu-`` prefix) is loaded; a folder with neither that nor a model file says both ways."""
+    r18, r34 = encoder_state("resnet18"), encoder_state("resnet34")
+    save_file(r18, str(tmp_path / "resnet18.safetensors"))
+    torch.save(r34, tmp_path / "resnet34.pth")
+    folder = str(tmp_path)
+    u3p = Unet3Plus("resnet18", encoder_weights=folder)
+    assert torch.equal(u3p.encoder.conv1.weight, r18["conv1.weight"])
+    unet = smp_unet3p.create_model("unet", "resnet34", encoder_weights=folder)  # smp's own architectures too
+    assert torch.equal(unet.encoder.conv1.weight, r34["conv1.weight"])
+    timm_net = Unet3Plus("tu-resnet18", encoder_weights=folder).encoder.model  # resnet18.safetensors
+    assert torch.equal(timm_net.conv1.weight, r18["conv1.weight"])
+    with pytest.raises(FileNotFoundError, match=r"named after the encoder \(<encoder_name>.safetensors"):
+        Unet3Plus("resnet50", encoder_weights=folder)

@@ -2,7 +2,6 @@
 Chromium (skipped cleanly where no Chromium is installed; .ci/run installs it)."""
 
 import re
-import shutil
 import subprocess
 
 import cv2
@@ -14,6 +13,7 @@ from competition.cli import main
 from competition.oof.report import build_report
 from competition.oof.scores import evaluate_oof
 from competition.predictions.submission import class_pixel_counts, rle_encode
+from tests.conftest import BROWSER_FLAGS, browser, chromium_dom
 
 SECTIONS = ("Config", "Training curves", "Best epoch per fold", "Out-of-fold scores", "Per-class IoU (OOF)",
             "Confusion matrix", "Worst 3 OOF images", "Submission class distribution")  # fmt: skip
@@ -69,30 +69,14 @@ def test_report_cli_refuses_to_overwrite(report, tmp_path, capsys):
     assert "file://" in capsys.readouterr().out
 
 
-def _browser():
-    return next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
-
-
-@pytest.mark.skipif(_browser() is None, reason="no Chromium installed (apt-get install chromium)")
+@pytest.mark.skipif(browser() is None, reason="no Chromium installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(report, tmp_path):
     path, _ = report
-    flags = [
-        _browser(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--hide-scrollbars",
-        "--enable-logging=stderr",
-    ]
-    dom = subprocess.run(
-        [*flags, "--dump-dom", path.resolve().as_uri()], capture_output=True, text=True, timeout=120
-    )
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert 'data-images-ok="7/7"' in dom.stdout  # the page's load handler: every image decoded
-    assert "Uncaught" not in dom.stderr  # no script error
+    assert 'data-images-ok="7/7"' in chromium_dom(path)  # the page's load handler: every image decoded
     shot = tmp_path / "shot.png"
-    run = subprocess.run([*flags, "--window-size=1280,2400", f"--screenshot={shot}", path.resolve().as_uri()],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    page = path.resolve().as_uri()
+    command = [browser(), *BROWSER_FLAGS, "--window-size=1280,2400", f"--screenshot={shot}", page]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
     image = cv2.imread(str(shot))
     assert image.shape[:2] == (2400, 1280)

@@ -14,8 +14,8 @@ import yaml
 
 from competition.cli import main
 from competition.core.config import ConfigError
-from competition.core.config_file import load_config
-from competition.train.sweep import read_space, sweep
+from competition.core.config_file import config_from_dict, load_config
+from competition.train.sweep import check_space, read_space, sample, sweep
 from tests.conftest import REPO, tiny_config_dict
 
 
@@ -68,6 +68,7 @@ def test_a_pruned_trial_stops_at_an_epoch_boundary_with_its_checkpoint(synthetic
     study = sweep(base, space, "p", trials=1, pruner=optuna.pruners.ThresholdPruner(lower=2.0))
     trial = study.trials[0]
     assert trial.state.name == "PRUNED" and list(trial.intermediate_values) == [0]
+    assert trial.user_attrs["pruned"] == "after epoch 1 of fold 0"  # what the report's trial table shows
     fold = tmp_path / "runs" / "p" / "trial_0" / "fold0"
     assert (fold / "last.ckpt").is_file() and len(pd.read_csv(fold / "metrics.csv")) == 1
 
@@ -144,7 +145,7 @@ def test_a_sweep_stopped_with_ctrl_c_resumes_its_trial_when_started_again(synthe
 
 def test_the_readme_sweep_commands_run_as_written(synthetic_data, tmp_path, monkeypatch):
     """The README's sweep block on the synthetic data: its space file, the sweep (2 trials of a seconds-long
-    model instead of 8 of tiny_cpu), the best config and its training."""
+    model instead of 8 of tiny_cpu), the best config, its training and the study's report."""
     import re
     import shlex
     import shutil
@@ -161,7 +162,7 @@ def test_the_readme_sweep_commands_run_as_written(synthetic_data, tmp_path, monk
     tiny = ["model.encoder_name=resnet18", "model.encoder_weights=null", "train.epochs=1", "train.workers=0",
             "train.progress=false", "augment.size=64", "model.params.decoder_cat_channels=8"]  # fmt: skip
     lines = readme_command_lines("## Sweeps")
-    assert [shlex.split(line)[1] for line in lines] == ["sweep", "sweep", "train"]
+    assert [shlex.split(line)[1] for line in lines] == ["sweep", "sweep", "train", "report"]
     for line in lines:
         for old, new in (("DATA", str(data)), ("--trials 8", "--trials 2"), ("--fold all", "--fold 0")):
             line = line.replace(old, new)
@@ -173,3 +174,18 @@ def test_the_readme_sweep_commands_run_as_written(synthetic_data, tmp_path, monk
         assert main(args) == 0, line
     assert len(list((tmp_path / "runs" / "lr").glob("trial_*"))) == 2
     assert (tmp_path / "runs" / "lr_best" / "fold0" / "best.json").is_file()
+    assert "2 trials: 2 complete" in (tmp_path / "lr.html").read_text()
+
+
+def test_list_values_are_searched_as_their_yaml_text(synthetic_data, tmp_path):
+    """Optuna's categorical choices are scalars: a list value (a crop size, a scale range) is offered as its
+    YAML text and set back as the list."""
+    base = load_config(_base(synthetic_data, tmp_path))
+    space = _space(tmp_path, "augment.scale: [[0.5, 2.0], [0.75, 1.5]]\naugment.size: [48, 64]\n")
+    params = read_space(space)
+    check_space(base, params)
+    trial = optuna.trial.FixedTrial({"augment.scale": "[0.75, 1.5]", "augment.size": 64})
+    overrides = sample(trial, params, base)
+    assert overrides == ["augment.scale=[0.75, 1.5]", "augment.size=64"]
+    cfg = config_from_dict(base.model_dump(mode="json"), overrides)
+    assert cfg.augment.scale == (0.75, 1.5) and cfg.augment.size == 64
