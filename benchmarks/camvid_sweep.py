@@ -28,6 +28,7 @@ import argparse
 import importlib
 import json
 import platform
+import signal
 from pathlib import Path
 
 import pandas as pd
@@ -107,6 +108,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads of this worker")
     parser.add_argument("--summary", action="store_true", help="print the trials and write the report")
     args = parser.parse_args()
+    # Ctrl-C (or kill -INT) stops a worker cleanly even when started in the background, where the shell
+    # leaves SIGINT ignored: its trial is resumed by the next start (as the competition CLI does)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.summary:
         summary(args.out)
         return
