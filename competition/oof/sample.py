@@ -61,12 +61,15 @@ def sample_pixels(
 def sample_oof(oof: OofRuns, per_image: int = 2048, seed: int = 0) -> OofSample:
     """One pass over ``oof``: the stratified pixel sample of every image (seeded per image id, so the
     sample does not depend on the order of the files)."""
-    classes, parts = oof.num_classes, []
-    for key, fold, probs, target in oof:
+    classes = oof.num_classes
+
+    def one(key: str, fold: int, probs: list[np.ndarray], target: np.ndarray) -> tuple:
         rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
         index, weight = sample_pixels(target, classes, oof.ignore_index, per_image, rng)
         stacked = np.stack([p.reshape(classes, -1)[:, index].T for p in probs], axis=1)  # [n, R, C]
-        parts.append((stacked.astype(np.float16), target.reshape(-1)[index].astype(np.int64), weight, fold))
+        return stacked.astype(np.float16), target.reshape(-1)[index].astype(np.int64), weight, fold
+
+    parts = list(oof.map(one))  # each image's sample drawn on the reading threads
     if not parts:
         raise ValueError("no OOF images to sample")
     return OofSample(

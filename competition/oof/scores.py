@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ..core.metrics import miou_of
+from ..core.metrics import confusion, miou_of
 from ..data.images import read_image
 from ..data.panels import save_panels
 from ..predictions.oof import OofRuns, opened
@@ -62,14 +62,14 @@ def score_oof(
     (image id -> file name) the same pass also ranks every image as ``audit_table`` does."""
     oof = opened(runs, allow_partial)
     scorer = OofScorer(oof, weights, files)
-    for item in oof:
-        scorer.add(*item)
+    oof.feed(scorer)
     return scorer.result()
 
 
 class OofScorer:
     """``score_oof`` image by image, so that one pass over the OOF files can feed other consumers too
-    (``postprocess.Tuner``): ``add`` every image of ``oof``, then ``result``."""
+    (``tune.Tuner``): ``oof.feed(scorer, ...)`` (``measure`` on the reading threads, ``merge`` in image
+    order), then ``result``."""
 
     def __init__(self, oof: OofRuns, weights: Any = None, files: Mapping[str, str] | None = None):
         self.oof, self.files, self.rows = oof, files, []
@@ -83,16 +83,24 @@ class OofScorer:
         self.votes = [soft, "hard vote"] if len(oof.runs) > 1 else []
         self.table = FoldTable(oof.num_classes, oof.ignore_index)
 
-    def add(self, key: str, fold: int, probs: list[np.ndarray], target: np.ndarray) -> None:
+    def measure(self, key: str, fold: int, probs: list[np.ndarray], target: np.ndarray) -> tuple:
+        """One image's confusion counts per model (and its audit row): reads nothing it changes."""
+        classes, ignore = self.oof.num_classes, self.oof.ignore_index
         labels = [p.argmax(0) for p in probs]
-        for run, label in zip(self.oof.runs, labels):
-            self.table.add(fold, run.name, label, target)
+        named = [(run.name, label) for run, label in zip(self.oof.runs, labels)]
         scores = soft_scores(probs, self.w) if self.votes or self.files is not None else None
         if self.votes:
-            self.table.add(fold, self.votes[0], scores.argmax(0), target)
-            self.table.add(fold, "hard vote", hard_vote(labels, scores, self.w), target)
-        if self.files is not None:
-            self.rows.append(_audit_row(key, fold, self.files, scores, target, self.oof))
+            named += [(self.votes[0], scores.argmax(0)), ("hard vote", hard_vote(labels, scores, self.w))]
+        counts = [(name, confusion(label, target, classes, ignore)) for name, label in named]
+        row = _audit_row(key, fold, self.files, scores, target, self.oof) if self.files is not None else None
+        return fold, counts, row
+
+    def merge(self, part: tuple) -> None:
+        fold, counts, row = part
+        for name, matrix in counts:
+            self.table.add_counts(fold, name, matrix)
+        if row is not None:
+            self.rows.append(row)
 
     def result(self) -> OofScores:
         audit = None if self.files is None else _ranked(self.rows)
@@ -155,7 +163,7 @@ def audit_table(
     (``rank`` 1 = most suspicious)."""
     oof = opened(runs, allow_partial)
     oof.check_files(files, "the runs' data")
-    return _ranked([_audit_row(k, f, files, soft_scores(p, weights), t, oof) for k, f, p, t in oof])
+    return _ranked(list(oof.map(lambda k, f, p, t: _audit_row(k, f, files, soft_scores(p, weights), t, oof))))
 
 
 def _audit_row(

@@ -97,15 +97,14 @@ def tune(
     """
     oof = opened(runs, allow_partial)
     tuner = Tuner(oof, weights, fold_weights)
-    for item in oof:
-        tuner.add(*item)
+    oof.feed(tuner)
     return tuner.result()
 
 
 class Tuner:
     """``tune`` image by image, so that one pass over the OOF files can feed it and other consumers
-    (``evaluate --tune-postprocess`` scores the OOF table in the same pass): ``add`` every image of
-    ``oof``, then ``result``."""
+    (``evaluate --tune-postprocess`` scores the OOF table in the same pass): ``oof.feed(tuner, ...)``, then
+    ``result``."""
 
     def __init__(
         self,
@@ -129,16 +128,23 @@ class Tuner:
         # each image's votes are kept (one byte a pixel) for the final scoring of the choices
         self.dtype, self.kept = np.min_scalar_type(oof.num_classes - 1), []
 
-    def add(self, key: str, fold: int, probs: list[np.ndarray], target: np.ndarray) -> None:
-        classes, preds = self.oof.num_classes, {}
+    def measure(self, key: str, fold: int, probs: list[np.ndarray], target: np.ndarray) -> tuple:
+        """One image's votes and the confusion counts of every candidate setting: reads nothing it changes."""
+        classes, preds, counts = self.oof.num_classes, {}, []
         per_class = len(self.candidates) // max(1, classes - 1)
-        for k, table in self.tables.items():
+        for k in self.tables:
             pred = preds[k] = combine(probs, self.votes[k]).astype(self.dtype)
             plain = confusion(pred, target, classes, self.oof.ignore_index)
             for c in range(1, classes):
                 outcomes = _outcomes(pred, target, c, plain, self.oof.ignore_index)
-                for cand in self.candidates[(c - 1) * per_class : c * per_class]:
-                    table.add_counts(fold, cand, outcomes.get(cand[1:], plain))
+                counts += [(k, cand, outcomes.get(cand[1:], plain))
+                           for cand in self.candidates[(c - 1) * per_class : c * per_class]]  # fmt: skip
+        return fold, counts, target, preds
+
+    def merge(self, part: tuple) -> None:
+        fold, counts, target, preds = part
+        for k, cand, matrix in counts:
+            self.tables[k].add_counts(fold, cand, matrix)
         self.kept.append((fold, target, preds))
 
     def _choose(self, without: int | None) -> PostProcess:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -32,6 +32,8 @@ from ..core.checkpoint import CheckpointError, read_best_meta
 from ..core.io import NpzStreamWriter, read_ahead, usable_cores
 from ..core.runtime import sample_id
 from . import provenance
+
+R = TypeVar("R")
 
 OOF_FILE = "oof.npz"
 DTYPE_KEY = "probs_dtype"  # how an OOF file stores probabilities (absent: float16, the format before it)
@@ -288,9 +290,23 @@ class OofRuns:
         return len(self.tables[0])
 
     def __iter__(self) -> Iterator[tuple[str, int, list[np.ndarray], np.ndarray]]:
-        """Every image in one order, its maps read ahead on ``workers`` threads (the same items, in the same
-        order, as one thread reads them)."""
-        yield from read_ahead(lambda key: (key, *self.read(key)), list(self.file_names), self.workers)
+        """Every image ``(key, fold, probs, target)`` in one order, its maps read ahead on ``workers`` threads
+        (the same items, in the same order, as one thread reads them)."""
+        return self.map(lambda *image: image)
+
+    def map(self, measure: Callable[[str, int, list[np.ndarray], np.ndarray], R]) -> Iterator[R]:
+        """``measure(key, fold, probs, target)`` of every image, in the order of ``__iter__``, computed on the
+        threads that read the maps (``measure`` must only read shared state): the per-image work of a pass
+        runs on every core, not only the decompression."""
+        return read_ahead(lambda key: measure(key, *self.read(key)), list(self.file_names), self.workers)
+
+    def feed(self, *consumers: Any) -> None:
+        """One pass for several consumers, each with ``measure(key, fold, probs, target) -> part`` (pure, run
+        on the reading threads) and ``merge(part)`` (run here, image by image in order, so the merged counts
+        are those of one thread)."""
+        for parts in self.map(lambda *image: [c.measure(*image) for c in consumers]):
+            for consumer, part in zip(consumers, parts):
+                consumer.merge(part)
 
     def check_files(self, files: dict[str, str], source: str) -> None:
         """Refuse when ``files`` (image id -> file name, e.g. ``data.splits.data_files``) names another file

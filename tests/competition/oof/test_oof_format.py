@@ -97,3 +97,26 @@ def test_maps_read_ahead_on_threads_give_what_one_thread_gives(both):
         pd.testing.assert_frame_equal(single, evaluate_oof(runs))
     finally:
         m2.undo()
+
+
+def test_every_pass_gives_on_two_threads_exactly_what_it_gives_on_one(both):
+    """The per-image work of each pass (confusion counts, votes, post-processing candidates, audit rows,
+    the weight search's pixel sample) runs on the reading threads and is merged in image order: the same
+    tables, choices and arrays as one thread, to the last bit."""
+    from competition.oof.sample import sample_oof
+    from competition.oof.scores import score_oof
+
+    runs = both["uint8"]
+    one, two = OofRuns(runs, workers=1), OofRuns(runs, workers=2)
+    files = {key: f"{key}.png" for key in one.file_names}
+    a, b = score_oof(one, [0.5, 0.3, 0.2], files=files), score_oof(two, [0.5, 0.3, 0.2], files=files)
+    pd.testing.assert_frame_equal(a.frame(), b.frame())
+    pd.testing.assert_frame_equal(a.audit, b.audit)
+    assert all(np.array_equal(a.table.counts[k], b.table.counts[k]) for k in a.table.counts)
+    assert a.table.counts.keys() == b.table.counts.keys()
+    tuned = tune(one), tune(two)
+    assert tuned[0] == tuned[1]  # settings, per-fold settings and every score
+    s1, s2 = sample_oof(one), sample_oof(two)
+    for field in ("probs", "target", "weight", "fold"):
+        assert np.array_equal(getattr(s1, field), getattr(s2, field)), field
+    assert search_weights(one, step=0.25).weights.tolist() == search_weights(two, step=0.25).weights.tolist()
