@@ -125,7 +125,13 @@ def main() -> None:
 
     overrides = prepare(args.out, args.data) + ([f"train.threads={args.threads}"] if args.threads else [])
     timeout = parse_duration(args.timeout)
-    study = sweep("camvid_lite0", SPACE, STUDY, args.trials, timeout, pruner=args.pruner, overrides=overrides)
+    try:
+        study = sweep(
+            "camvid_lite0", SPACE, STUDY, args.trials, timeout, pruner=args.pruner, overrides=overrides
+        )
+    except KeyboardInterrupt:
+        print("interrupted: the same command continues the study and resumes the interrupted trial's run")
+        raise SystemExit(130) from None
     print(f"study {STUDY}: {len(study.trials)} trials")
 
 
