@@ -275,6 +275,7 @@ def _train_trial(trial: Any, base: Config, params: list[Param], run_dir: Path, f
             trial.report(miou if math.isfinite(miou) else 0.0, offset + epoch)
             if trial.should_prune():  # the epoch's files are written: the run stops at its boundary
                 trial.set_user_attr("pruned", f"after epoch {epoch + 1} of fold {k}")
+                print(f"trial {trial.number}: pruned after epoch {epoch + 1} of fold {k}", flush=True)
                 raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} of fold {k}")
 
         best.append(train_fold(cfg, k, resume=resume, on_epoch_end=report).best_miou)
