@@ -44,9 +44,11 @@ def add(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..core.config import ConfigError
+    from ..core.io import check_writable
 
     if not (args.runs or args.study):
         raise ConfigError("give --runs RUN [RUN ...] and/or --study NAME")
+    check_writable(args.out, args.overwrite)  # before any work (build_report checks it again: a stat)
     extra = []
     if args.study:
         from ..train.trials import study_section
@@ -56,11 +58,9 @@ def run(args: argparse.Namespace) -> int:
         path = _run_report(args, extra)
     else:
         from ..core.html import write_page
-        from ..core.io import check_writable
 
         title = f"Sweep report: {args.study}"
-        heading = f"<h1>{html.escape(title)}</h1>"
-        path = write_page(check_writable(args.out, args.overwrite), title, [heading, *extra])
+        path = write_page(args.out, title, [f"<h1>{html.escape(title)}</h1>", *extra])
     print(f"report: {path.resolve()} (self-contained; open it in a browser: file://{path.resolve()})")
     return 0
 

@@ -44,6 +44,7 @@ def add(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..core.config import ConfigError, parse_duration
     from ..train.sweep import best_config, sweep
+    from ..train.trials import state_counts
 
     if args.best:
         if args.out is None:
@@ -56,9 +57,7 @@ def run(args: argparse.Namespace) -> int:
     timeout = parse_duration(args.timeout) if args.timeout else None
     study = sweep(args.config, args.space, args.study, args.trials, timeout, args.storage, args.fold,
                   args.pruner, overrides=args.overrides)  # fmt: skip
-    counts: dict[str, int] = {}
-    for trial in study.trials:
-        counts[trial.state.name.lower()] = counts.get(trial.state.name.lower(), 0) + 1
+    counts = {state: n for state, n in state_counts(study).items() if n}
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     best = f"best trial {study.best_trial.number}: mIoU {study.best_value:.4f}" if done else "no trial done"
     print(f"study {args.study}: {len(study.trials)} trials {counts}; {best}")

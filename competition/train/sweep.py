@@ -42,6 +42,7 @@ from ..data.splits import parse_folds
 from .loop import train_fold
 from .resume import record_folds
 
+STUDY_DB = "study.db"  # the default storage: a SQLite file in the study's runs folder
 HEARTBEAT_S, GRACE_S = 60, 180  # a running trial's heartbeat; after the grace period it counts as dead
 
 
@@ -153,7 +154,7 @@ def storage_of(url: str | None, runs: Path, study: str) -> Any:
         return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
     if not url:
         (runs / study).mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{(runs / study / 'study.db').resolve()}"
+        url = f"sqlite:///{(runs / study / STUDY_DB).resolve()}"
     # SQLite: wait for another worker's lock instead of failing after sqlite's 5 s
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else None
     for attempt in range(6):  # workers started together race to create the tables of a new storage
@@ -168,6 +169,22 @@ def storage_of(url: str | None, runs: Path, study: str) -> Any:
             if attempt == 5:
                 raise
             time.sleep(0.5 * (attempt + 1))
+
+
+def load_study(name: str, storage: str | None = None, runs: str | Path = "runs") -> Any:
+    """The study ``name`` from ``storage`` (default: the sweep's SQLite file ``runs/<name>/study.db``)."""
+    optuna = optuna_module()
+    if not storage:
+        path = Path(runs) / name / STUDY_DB
+        if not path.is_file():
+            raise ConfigError(f"no study {name!r} at {path} (the sweep's default storage): pass --storage "
+                              "URL as given to competition sweep")  # fmt: skip
+    store = storage_of(storage, Path(runs), name)
+    try:
+        return optuna.load_study(study_name=name, storage=store)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(store))
+        raise ConfigError(f"no study {name!r} in {storage or path}; it holds {names or 'no study'}") from None
 
 
 def optuna_module() -> Any:
@@ -274,13 +291,15 @@ def _train_trial(trial: Any, base: Config, params: list[Param], run_dir: Path, f
             miou = row["miou"]
             trial.report(miou if math.isfinite(miou) else 0.0, offset + epoch)
             if trial.should_prune():  # the epoch's files are written: the run stops at its boundary
-                trial.set_user_attr("pruned", f"after epoch {epoch + 1} of fold {k}")
-                print(f"trial {trial.number}: pruned after epoch {epoch + 1} of fold {k}", flush=True)
-                raise optuna.TrialPruned(f"pruned after epoch {epoch + 1} of fold {k}")
+                where = f"after epoch {epoch + 1} of fold {k}"
+                trial.set_user_attr("pruned", where)  # the report's trial table shows it
+                print(f"trial {trial.number}: pruned {where}", flush=True)
+                raise optuna.TrialPruned(f"pruned {where}")
 
         best.append(train_fold(cfg, k, resume=resume, on_epoch_end=report).best_miou)
-    print(f"trial {trial.number}: mIoU {sum(best) / len(best):.4f} with {overrides}", flush=True)
-    return sum(best) / len(best)
+    score = sum(best) / len(best)
+    print(f"trial {trial.number}: mIoU {score:.4f} with {overrides}", flush=True)
+    return score
 
 
 def best_config(study: str, out: str | os.PathLike, storage: str | None = None, runs: str = "runs") -> Path:
@@ -288,7 +307,7 @@ def best_config(study: str, out: str | os.PathLike, storage: str | None = None, 
     study's own output folder) to ``out``: ``competition train --config out`` trains it again."""
     optuna = optuna_module()
 
-    found = optuna.load_study(study_name=study, storage=storage_of(storage, Path(runs), study))
+    found = load_study(study, storage, runs)
     completed = [t for t in found.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
         raise ConfigError(f"study {study!r} has no completed trial yet ({len(found.trials)} in all)")

@@ -12,27 +12,10 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.config import ConfigError
 from ..core.html import note, png, pyplot, table
-from .sweep import optuna_module, storage_of
+from .sweep import load_study, optuna_module
 
 MIN_FOR_IMPORTANCE = 3  # completed trials with at least two values of a parameter
-
-
-def load_study(name: str, storage: str | None = None, runs: str | Path = "runs") -> Any:
-    """The study ``name`` from ``storage`` (default: the sweep's SQLite file ``runs/<name>/study.db``)."""
-    optuna = optuna_module()
-    if not storage:
-        path = Path(runs) / name / "study.db"
-        if not path.is_file():
-            raise ConfigError(f"no study {name!r} at {path} (the sweep's default storage): pass --storage "
-                              "URL as given to competition sweep")  # fmt: skip
-    store = storage_of(storage, Path(runs), name)
-    try:
-        return optuna.load_study(study_name=name, storage=store)
-    except KeyError:
-        names = sorted(s.study_name for s in optuna.get_all_study_summaries(store))
-        raise ConfigError(f"no study {name!r} in {storage or path}; it holds {names or 'no study'}") from None
 
 
 def trial_frame(study: Any) -> pd.DataFrame:

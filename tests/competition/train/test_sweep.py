@@ -57,6 +57,8 @@ def test_trials_are_runs_a_failed_one_is_recorded_and_the_best_config_trains(syn
     assert (run / "fold0" / "best.safetensors").is_file()
     assert load_config(run / "fold0" / "config.yaml").model.encoder_name == "resnet18"
     out = tmp_path / "best.yaml"
+    assert main(["sweep", "--best", "nope", "--out", str(out), "--runs", str(tmp_path / "runs")]) == 1
+    assert not (tmp_path / "runs" / "nope").exists() and not out.exists()  # no empty study.db made
     assert main(["sweep", "--best", "s", "--out", str(out), "--runs", str(tmp_path / "runs")]) == 0
     best = load_config(out)
     assert best.model.encoder_name == "resnet18" and best.name == "s_best" and best.model.params["cgm"]
