@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ..core.metrics import confusion, miou_of
+from ..core.metrics import argmax_classes, confusion, miou_of
 from ..data.images import read_image
 from ..data.panels import save_panels
-from ..predictions.oof import OofRuns, opened
+from ..predictions.oof import OofRuns, member_labels, opened
 from ..predictions.voting import class_weights, hard_vote, soft_scores
 from .nested import FoldTable
 
@@ -83,16 +83,19 @@ class OofScorer:
         self.votes = [soft, "hard vote"] if len(oof.runs) > 1 else []
         self.table = FoldTable(oof.num_classes, oof.ignore_index)
 
-    def measure(self, key: str, fold: int, probs: list[np.ndarray], target: np.ndarray) -> tuple:
+    def measure(self, key: str, fold: int, probs: Sequence[np.ndarray], target: np.ndarray) -> tuple:
         """One image's confusion counts per model (and its audit row): reads nothing it changes."""
         classes, ignore = self.oof.num_classes, self.oof.ignore_index
-        labels = [p.argmax(0) for p in probs]
+        labels = member_labels(probs)
         named = [(run.name, label) for run, label in zip(self.oof.runs, labels)]
         scores = soft_scores(probs, self.w) if self.votes or self.files is not None else None
+        voted = argmax_classes(scores) if scores is not None else None
         if self.votes:
-            named += [(self.votes[0], scores.argmax(0)), ("hard vote", hard_vote(labels, scores, self.w))]
+            named += [(self.votes[0], voted), ("hard vote", hard_vote(labels, scores, self.w))]
         counts = [(name, confusion(label, target, classes, ignore)) for name, label in named]
-        row = _audit_row(key, fold, self.files, scores, target, self.oof) if self.files is not None else None
+        row = None
+        if self.files is not None:
+            row = _audit_row(key, fold, self.files, scores, target, self.oof, voted)
         return fold, counts, row
 
     def merge(self, part: tuple) -> None:
@@ -131,11 +134,14 @@ def _row(name: str, folds: str, matrix: np.ndarray) -> dict:
 EPS = 1e-4  # probability floor of the cross-entropy (float16 OOF maps hold exact zeros)
 
 
-def image_scores(probs: np.ndarray, target: np.ndarray, names: Sequence[str], ignore: int) -> dict:
-    """Disagreement of one image's OOF probabilities ``[C, H, W]`` with its label ``[H, W]``."""
+def image_scores(
+    probs: np.ndarray, target: np.ndarray, names: Sequence[str], ignore: int, pred: np.ndarray | None = None
+) -> dict:
+    """Disagreement of one image's OOF probabilities ``[C, H, W]`` with its label ``[H, W]`` (``pred``: their
+    argmax, when the caller has it)."""
     classes = probs.shape[0]
     valid = (target != ignore) & (target < classes)
-    pred = probs.argmax(0)
+    pred = argmax_classes(probs) if pred is None else pred
     if not valid.any():
         return {"score": 0.0, "pixel_error": 0.0, "top_confusion": ""}
     t = target[valid].astype(np.int64)
@@ -167,10 +173,16 @@ def audit_table(
 
 
 def _audit_row(
-    key: str, fold: int, files: Mapping[str, str], scores: np.ndarray, target: np.ndarray, oof: OofRuns
+    key: str,
+    fold: int,
+    files: Mapping[str, str],
+    scores: np.ndarray,
+    target: np.ndarray,
+    oof: OofRuns,
+    pred: np.ndarray | None = None,
 ) -> dict:
     row = {"image_id": key, "file_name": files[key], "fold": fold}
-    return row | image_scores(scores, target, oof.class_names, oof.ignore_index)
+    return row | image_scores(scores, target, oof.class_names, oof.ignore_index, pred)
 
 
 def _ranked(rows: list[dict]) -> pd.DataFrame:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..core.checkpoint import CheckpointError, read_best_meta
 from ..core.io import NpzStreamWriter, read_ahead, usable_cores
+from ..core.metrics import argmax_classes
 from ..core.runtime import sample_id
 from . import provenance
 
@@ -130,6 +131,37 @@ def decode_probs(stored: np.ndarray) -> np.ndarray:
     if stored.dtype == np.uint8 and stored.ndim == 3:
         return stored.astype(np.float32) * np.float32(1 / 255)
     return stored
+
+
+class ImageMaps(Sequence[np.ndarray]):
+    """One image's stored maps of every run, as ``OofRuns`` reads them: ``maps[r]`` is run ``r``'s
+    probabilities (``decode_probs``; the first index decodes every run's map, which are then kept),
+    ``labels()`` every run's arg-max class map taken on the stored levels, so a pass that needs only the
+    classes never decodes a map. Made and used on one reading thread."""
+
+    def __init__(self, stored: list[np.ndarray]):
+        self.stored = stored
+        self.decoded: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.stored)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        if self.decoded is None:  # all at once: decoding between other work churns the allocator (2.8x)
+            self.decoded = [decode_probs(s) for s in self.stored]
+        return self.decoded[index]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[r] for r in range(len(self)))
+
+    def labels(self) -> list[np.ndarray]:
+        """Each run's class map (``argmax(0)`` of its probabilities; uint8 levels give the same classes)."""
+        return [argmax_classes(s) for s in self.stored]
+
+
+def member_labels(probs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each member's class map of one image's probabilities: from the stored levels for ``ImageMaps``."""
+    return probs.labels() if isinstance(probs, ImageMaps) else [argmax_classes(p) for p in probs]
 
 
 def shrunk(shape: tuple[int, int], size: int | None) -> tuple[int, int]:
@@ -289,12 +321,12 @@ class OofRuns:
     def __len__(self) -> int:
         return len(self.tables[0])
 
-    def __iter__(self) -> Iterator[tuple[str, int, list[np.ndarray], np.ndarray]]:
+    def __iter__(self) -> Iterator[tuple[str, int, ImageMaps, np.ndarray]]:
         """Every image ``(key, fold, probs, target)`` in one order, its maps read ahead on ``workers`` threads
         (the same items, in the same order, as one thread reads them)."""
         return self.map(lambda *image: image)
 
-    def map(self, measure: Callable[[str, int, list[np.ndarray], np.ndarray], R]) -> Iterator[R]:
+    def map(self, measure: Callable[[str, int, ImageMaps, np.ndarray], R]) -> Iterator[R]:
         """``measure(key, fold, probs, target)`` of every image, in the order of ``__iter__``, computed on the
         threads that read the maps (``measure`` must only read shared state): the per-image work of a pass
         runs on every core, not only the decompression."""
@@ -318,18 +350,18 @@ class OofRuns:
                     "annotations changed since the runs trained?"
                 )
 
-    def read(self, key: str) -> tuple[int, list[np.ndarray], np.ndarray]:
-        """``(fold, [probs of each run], target)`` of one image (the first run's ``key``), decompressing only
-        its maps."""
+    def read(self, key: str) -> tuple[int, ImageMaps, np.ndarray]:
+        """``(fold, probs of each run, target)`` of one image (the first run's ``key``), decompressing only
+        its maps (``ImageMaps``: decoded to floats only where a run's probabilities are asked for)."""
         name = self.file_names[key]
         fold, first, _, _ = self.tables[0][name]
-        probs = [decode_probs(data[f"pred__{k}"]) for _, data, k, _ in (table[name] for table in self.tables)]
-        if any(p.ndim != 3 for p in probs):
+        stored = [data[f"pred__{k}"] for _, data, k, _ in (table[name] for table in self.tables)]
+        if any(p.ndim != 3 for p in stored):
             raise CheckpointError(
                 "OOF predictions were saved as argmax (train.oof=argmax); need probabilities"
             )
-        if len({p.shape for p in probs}) > 1:
+        if len({p.shape for p in stored}) > 1:
             raise CheckpointError(
-                f"OOF maps of image {name!r} differ in size across runs: {[p.shape for p in probs]}"
+                f"OOF maps of image {name!r} differ in size across runs: {[p.shape for p in stored]}"
             )
-        return fold, probs, first[f"target__{key}"]
+        return fold, ImageMaps(stored), first[f"target__{key}"]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..core.metrics import argmax_classes
 from ..core.runtime import normalize_weights
 from .submission import mask_from_probs, resize_probs
 
@@ -43,10 +44,10 @@ def combine(probs: Sequence[np.ndarray], weights: np.ndarray | None = None, vote
     to the one of larger weighted probability sum (so a member of weight 0 has no say at all).
     """
     if vote == "soft":
-        return soft_scores(probs, weights).argmax(0)
+        return argmax_classes(soft_scores(probs, weights))
     if vote != "hard":
         raise ValueError(f"vote must be 'soft' or 'hard', got {vote!r}")
-    return hard_vote([p.argmax(0) for p in probs], soft_scores(probs, weights), weights)
+    return hard_vote([argmax_classes(p) for p in probs], soft_scores(probs, weights), weights)
 
 
 def hard_vote(
@@ -54,13 +55,17 @@ def hard_vote(
 ) -> np.ndarray:
     """The hard vote of ``combine`` from the members' argmax maps ``labels`` and their soft scores ``soft``
     ``[C, ...]`` (``soft_scores``), for callers that have both already."""
-    w = class_weights(weights, len(labels), soft.shape[0])
-    votes = np.zeros(soft.shape, np.float64)
+    classes, pixels = soft.shape[0], soft[0].size
+    w = class_weights(weights, len(labels), classes)
+    votes = np.zeros(classes * pixels, np.float64)  # [C, pixels], a member's weight added where it chose c
+    offset = np.arange(pixels)
     for r, label in enumerate(labels):
-        for c in range(soft.shape[0]):
-            votes[c] += w[r, c] * (label == c)
-    top = votes.max(0, keepdims=True)
-    return np.where(np.isclose(votes, top), soft, -1.0).argmax(0)
+        label = label.reshape(-1).astype(np.intp, copy=False)
+        votes[label * pixels + offset] += w[r][label]  # in member order, as a per-class sum adds them
+    votes = votes.reshape(classes, pixels)
+    top = votes.max(0)
+    winners = top - votes <= 1e-8 + 1e-5 * top  # np.isclose(votes, top): the same numbers, votes <= top
+    return argmax_classes(np.where(winners, soft.reshape(classes, pixels), -1.0)).reshape(soft.shape[1:])
 
 
 def vote_mask(

@@ -9,7 +9,7 @@ from torch import nn
 
 from competition.core.config import ConfigError
 from competition.core.config_file import apply_overrides, config_from_dict, load_config
-from competition.core.metrics import ConfusionMatrix, binary_scores
+from competition.core.metrics import ConfusionMatrix, argmax_classes, binary_scores, confusion
 from competition.train.optim import lr_factor
 
 BASE = {"name": "x", "data": {"root": "d", "annotations": "d/a.json", "folds": "d/f.csv"}}
@@ -91,6 +91,34 @@ def test_confusion_matrix_iou_against_hand_computation():
     assert math.isnan(iou[3])
     assert cm.miou() == pytest.approx((0.25 + 0.5 + 0.5) / 3)
     assert cm.pixel_accuracy() == pytest.approx(4 / 7)
+
+
+def test_numpy_confusion_counts_as_the_torch_matrix_with_ignored_and_out_of_range_pixels():
+    """Targets at ``ignore_index``, negative or past the last class are not counted; predictions past the
+    last class count as the last class (both as ``ConfusionMatrix``)."""
+    target = np.array([[0, 1, 255, -1], [2, 7, 1, 0]])
+    pred = np.array([[0, 1, 1, 2], [9, 0, 0, 1]], np.uint8)
+    expected = np.zeros((3, 3), int)
+    for t, p in [(0, 0), (1, 1), (2, 2), (1, 0), (0, 1)]:  # 255, -1 and 7 dropped; 9 -> class 2
+        expected[t, p] += 1
+    assert np.array_equal(confusion(pred, target, 3, 255), expected)
+    cm = ConfusionMatrix(3, ignore_index=255)
+    cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(target))
+    assert np.array_equal(cm.matrix.numpy(), expected)
+    assert confusion(pred, target, 3, None).sum() == 5  # without ignore_index, 255 is still past the classes
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float16, np.float32, np.float64])
+def test_argmax_over_classes_is_numpys_first_largest_class(dtype):
+    """Class by class (or packed uint8 keys), with ties to the first class exactly as ``argmax(0)``."""
+    rng = np.random.default_rng(0)
+    for shape in [(1, 4, 4), (11, 17, 9), (5, 30), (3, 2, 2, 2)]:
+        scores = rng.integers(0, 4, shape).astype(dtype)  # few levels: ties on most pixels
+        if dtype == np.uint8:
+            scores[0, ...] = 255  # the largest level wins over every tie
+            scores[-1].flat[::2] = 255
+        assert np.array_equal(argmax_classes(scores), scores.argmax(0)), (shape, dtype)
+        assert argmax_classes(scores).shape == shape[1:]
 
 
 def test_confusion_matrix_is_not_a_mean_of_batch_ious():

@@ -15,7 +15,7 @@ from competition.oof.scores import audit_table
 from competition.oof.tune import AREAS, _outcomes, tune
 from competition.oof.weights import search_weights
 from competition.predictions.postprocess import PostProcess, enclosed, fill_holes, remove_small
-from competition.predictions.voting import class_weights, combine
+from competition.predictions.voting import class_weights, combine, soft_scores
 from tests.conftest import fake_oof_run, onehot, tiny_config_dict
 
 
@@ -111,6 +111,31 @@ def test_hard_vote_majority_and_tie_break_by_summed_probability():
     assert combine([a, b, c], vote="hard").item() == 1  # 2 votes beat b's confidence
     assert combine([a, b], weights=[3, 1], vote="hard").item() == 1  # a weighted vote
     assert combine([a, b, c]).item() == 1  # soft: mean (0.43, 0.43) -> tie goes to the first: 1
+
+
+def _hard_vote_per_class(probs, weights):
+    """The hard vote as its definition reads: every class's weighted votes, the classes within np.isclose
+    of the most voted, the largest summed probability among them (the first class on a tie)."""
+    w = class_weights(weights, len(probs), probs[0].shape[0])
+    votes = sum(w[r][:, None, None] * (p.argmax(0) == np.arange(len(w[r]))[:, None, None]) for r, p in
+                enumerate(probs))  # fmt: skip
+    soft = soft_scores(probs, weights)
+    return np.where(np.isclose(votes, votes.max(0)), soft, -1.0).argmax(0)
+
+
+@pytest.mark.parametrize("weights", [None, [2.0, 1.0, 1.0, 0.0], [3.0, 1.0, 1.0, 1.0], "per_class"])
+def test_hard_vote_counts_as_its_per_class_definition_on_tied_maps(weights):
+    """Quantised probabilities and equal weights make many exact ties between classes and between summed
+    probabilities: the counted vote (votes added where each member chose) decides all of them as the
+    per-class definition does."""
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        probs = [np.round(rng.dirichlet(np.ones(5), size=(9, 7)).transpose(2, 0, 1) * 4) / 4 for _ in "abcd"]
+        w = weights
+        if weights == "per_class":  # small integers: ties between summed votes; member 0 keeps every class
+            w = rng.integers(0, 3, (4, 5)).astype(float)
+            w[0] += 1
+        assert np.array_equal(combine(probs, w, vote="hard"), _hard_vote_per_class(probs, w))
 
 
 def test_per_class_weights_equal_to_per_run_ones_give_the_same_map():

@@ -56,6 +56,21 @@ def test_uint8_levels_keep_every_arg_max_and_decode_to_within_half_a_level():
     assert np.abs(decode_probs(levels) - probs.numpy()).max() <= 1.5 / 255 + 1e-6  # rounding + the bump
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "float16"])
+def test_an_image_s_maps_decode_only_when_its_probabilities_are_asked_for(both, dtype):
+    """``OofRuns.read`` hands the stored maps: the class maps come from them undecoded (the same classes as
+    the decoded probabilities' argmax), the runs' probabilities are decoded when first indexed, once."""
+    oof = OofRuns(both[dtype], workers=1)
+    key = next(iter(oof.file_names))
+    _, maps, _ = oof.read(key)
+    labels = maps.labels()
+    assert maps.decoded is None and str(maps.stored[0].dtype) == dtype
+    first = maps[0]
+    assert np.array_equal(first, decode_probs(maps.stored[0])) and maps[0] is first
+    assert all(np.array_equal(label, p.argmax(0)) for label, p in zip(labels, maps))
+    assert len(list(maps)) == len(maps) == 3
+
+
 def test_uint8_and_float16_files_make_the_same_choices(both):
     stored = np.load(both["uint8"][0] / "fold0" / "oof.npz")
     assert stored["pred__0"].dtype == np.uint8 and str(stored[DTYPE_KEY].reshape(-1)[0]) == "uint8"
