@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..predictions.oof import OofRuns
+from ..predictions.oof import ImageMaps, OofRuns
 
 
 @dataclass
@@ -63,10 +63,10 @@ def sample_oof(oof: OofRuns, per_image: int = 2048, seed: int = 0) -> OofSample:
     sample does not depend on the order of the files)."""
     classes = oof.num_classes
 
-    def one(key: str, fold: int, probs: list[np.ndarray], target: np.ndarray) -> tuple:
+    def one(key: str, fold: int, probs: ImageMaps, target: np.ndarray) -> tuple:
         rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
         index, weight = sample_pixels(target, classes, oof.ignore_index, per_image, rng)
-        stacked = np.stack([p.reshape(classes, -1)[:, index].T for p in probs], axis=1)  # [n, R, C]
+        stacked = np.stack([p.T for p in probs.pixels(index)], axis=1)  # [n, R, C], only these decoded
         return stacked.astype(np.float16), target.reshape(-1)[index].astype(np.int64), weight, fold
 
     parts = list(oof.map(one))  # each image's sample drawn on the reading threads

@@ -129,8 +129,12 @@ def decode_probs(stored: np.ndarray) -> np.ndarray:
     """Probabilities of a stored OOF map: ``uint8`` levels ``round(p * 255)`` as float32 ``p`` (to 1/510), or
     a ``float16`` map (files written before quantisation) as it is."""
     if stored.dtype == np.uint8 and stored.ndim == 3:
-        return stored.astype(np.float32) * np.float32(1 / 255)
+        return _from_levels(stored)
     return stored
+
+
+def _from_levels(levels: np.ndarray) -> np.ndarray:
+    return levels.astype(np.float32) * np.float32(1 / 255)
 
 
 class ImageMaps(Sequence[np.ndarray]):
@@ -157,6 +161,12 @@ class ImageMaps(Sequence[np.ndarray]):
     def labels(self) -> list[np.ndarray]:
         """Each run's class map (``argmax(0)`` of its probabilities; uint8 levels give the same classes)."""
         return [argmax_classes(s) for s in self.stored]
+
+    def pixels(self, index: np.ndarray) -> list[np.ndarray]:
+        """Each run's probabilities ``[C, n]`` at the flat pixel indices ``index``, decoding only those
+        (the same numbers as the decoded maps there)."""
+        picked = [s.reshape(len(s), -1)[:, index] for s in self.stored]
+        return [_from_levels(p) if p.dtype == np.uint8 else p for p in picked]
 
 
 def member_labels(probs: Sequence[np.ndarray]) -> list[np.ndarray]:

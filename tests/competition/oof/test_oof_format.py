@@ -69,6 +69,10 @@ def test_an_image_s_maps_decode_only_when_its_probabilities_are_asked_for(both, 
     assert np.array_equal(first, decode_probs(maps.stored[0])) and maps[0] is first
     assert all(np.array_equal(label, p.argmax(0)) for label, p in zip(labels, maps))
     assert len(list(maps)) == len(maps) == 3
+    index = np.array([5, 0, 2303, 77])  # flat pixels, decoded alone: the numbers the whole maps have there
+    fresh = oof.read(key)[1]
+    assert all(np.array_equal(p, m.reshape(len(m), -1)[:, index]) for p, m in zip(fresh.pixels(index), maps))
+    assert fresh.decoded is None
 
 
 def test_uint8_and_float16_files_make_the_same_choices(both):
