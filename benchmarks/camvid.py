@@ -326,7 +326,7 @@ def val_frames(cfg, folds: Path, names: list[str]):
 
     coco = load_coco(cfg.data.annotations, cfg.data.root)
     class_map = ClassMap.build(coco.categories, names, background=False)
-    val = set(pd.read_csv(folds).query("fold == 0")["image_id"])
+    val = set(pd.read_csv(folds, dtype={"fold": str}).query("fold == '0'")["image_id"])
     for image_id in sorted(val, key=lambda i: coco.images[i].file_name):
         info = coco.images[image_id]
         target = rasterize(
@@ -381,7 +381,7 @@ def vote_gain(rows: list[dict]) -> str:
 
 def val_ids(folds: Path) -> list[int]:
     """Image ids of the val split (fold 0), ascending."""
-    return sorted(pd.read_csv(folds).query("fold == 0")["image_id"])
+    return sorted(pd.read_csv(folds, dtype={"fold": str}).query("fold == '0'")["image_id"])
 
 
 def val_pseudo(variant: str, seed: int, args: argparse.Namespace, folds: Path, share: float | None) -> Path:
