@@ -22,7 +22,8 @@ def _raw(**sections):
 
 
 def test_shipped_configs_validate():
-    for name in ("unet3plus_r34", "unet_effb0", "unetplusplus_effb0", "tiny_cpu"):
+    for name in ("unet3plus_r34", "unet_effb0", "unetplusplus_effb0", "tiny_cpu", "camvid_lite0",
+                 "camvid_lite0_sweep"):  # fmt: skip
         cfg = load_config(name)
         assert cfg.name == name
         assert cfg.data.folds.is_absolute()  # resolved against the working directory
