@@ -326,8 +326,7 @@ def val_frames(cfg, folds: Path, names: list[str]):
 
     coco = load_coco(cfg.data.annotations, cfg.data.root)
     class_map = ClassMap.build(coco.categories, names, background=False)
-    val = set(pd.read_csv(folds, dtype={"fold": str}).query("fold == '0'")["image_id"])
-    for image_id in sorted(val, key=lambda i: coco.images[i].file_name):
+    for image_id in sorted(val_ids(folds), key=lambda i: coco.images[i].file_name):
         info = coco.images[image_id]
         target = rasterize(
             coco.annotations[image_id], info.height, info.width, class_map.category_to_class, fill=255

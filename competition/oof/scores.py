@@ -21,7 +21,7 @@ import pandas as pd
 from ..core.metrics import argmax_classes, confusion, miou_of
 from ..data.images import read_image
 from ..data.panels import save_panels
-from ..predictions.oof import OofRuns, member_labels, opened
+from ..predictions.oof import ImageMaps, OofRuns, opened
 from ..predictions.voting import class_weights, hard_vote, soft_scores
 from .nested import FoldTable
 
@@ -83,10 +83,10 @@ class OofScorer:
         self.votes = [soft, "hard vote"] if len(oof.runs) > 1 else []
         self.table = FoldTable(oof.num_classes, oof.ignore_index)
 
-    def measure(self, key: str, fold: int, probs: Sequence[np.ndarray], target: np.ndarray) -> tuple:
+    def measure(self, key: str, fold: int, probs: ImageMaps, target: np.ndarray) -> tuple:
         """One image's confusion counts per model (and its audit row): reads nothing it changes."""
         classes, ignore = self.oof.num_classes, self.oof.ignore_index
-        labels = member_labels(probs)
+        labels = probs.labels()  # from the stored levels, undecoded
         named = [(run.name, label) for run, label in zip(self.oof.runs, labels)]
         scores = soft_scores(probs, self.w) if self.votes or self.files is not None else None
         voted = argmax_classes(scores) if scores is not None else None

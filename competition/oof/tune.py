@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..core.metrics import confusion, miou_of
 from ..predictions import provenance
 from ..predictions.crf import CrfSettings, dense_crf
-from ..predictions.oof import OofRuns, opened
+from ..predictions.oof import ImageMaps, OofRuns, opened
 from ..predictions.postprocess import PostProcess, enclosed
 from ..predictions.voting import combine
 from .nested import FoldTable, nested_folds
@@ -128,7 +128,7 @@ class Tuner:
         # each image's votes are kept (one byte a pixel) for the final scoring of the choices
         self.dtype, self.kept = np.min_scalar_type(oof.num_classes - 1), []
 
-    def measure(self, key: str, fold: int, probs: list[np.ndarray], target: np.ndarray) -> tuple:
+    def measure(self, key: str, fold: int, probs: ImageMaps, target: np.ndarray) -> tuple:
         """One image's votes and the confusion counts of every candidate setting: reads nothing it changes."""
         classes, preds, counts = self.oof.num_classes, {}, []
         per_class = len(self.candidates) // max(1, classes - 1)

@@ -169,11 +169,6 @@ class ImageMaps(Sequence[np.ndarray]):
         return [_from_levels(p) if p.dtype == np.uint8 else p for p in picked]
 
 
-def member_labels(probs: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Each member's class map of one image's probabilities: from the stored levels for ``ImageMaps``."""
-    return probs.labels() if isinstance(probs, ImageMaps) else [argmax_classes(p) for p in probs]
-
-
 def shrunk(shape: tuple[int, int], size: int | None) -> tuple[int, int]:
     """``(height, width)`` with the longer side at most ``size``, aspect ratio kept (``None``: as it is)."""
     if size is None or max(shape) <= size:
