@@ -88,7 +88,7 @@ class OofScorer:
         classes, ignore = self.oof.num_classes, self.oof.ignore_index
         labels = probs.labels()  # from the stored levels, undecoded
         named = [(run.name, label) for run, label in zip(self.oof.runs, labels)]
-        scores = soft_scores(probs, self.w) if self.votes or self.files is not None else None
+        scores = soft_scores(probs.stored, self.w) if self.votes or self.files is not None else None
         voted = argmax_classes(scores) if scores is not None else None
         if self.votes:
             named += [(self.votes[0], voted), ("hard vote", hard_vote(labels, scores, self.w))]
@@ -169,7 +169,8 @@ def audit_table(
     (``rank`` 1 = most suspicious)."""
     oof = opened(runs, allow_partial)
     oof.check_files(files, "the runs' data")
-    return _ranked(list(oof.map(lambda k, f, p, t: _audit_row(k, f, files, soft_scores(p, weights), t, oof))))
+    rows = oof.map(lambda k, f, p, t: _audit_row(k, f, files, soft_scores(p.stored, weights), t, oof))
+    return _ranked(list(rows))
 
 
 def _audit_row(
@@ -210,7 +211,7 @@ def write_gallery(
         image = read_image(path) if path.is_file() else None
         if image is not None and image.shape[:2] != target.shape:
             image = cv2.resize(image, target.shape[::-1], interpolation=cv2.INTER_AREA)
-        pred = soft_scores(probs, weights).argmax(0)
+        pred = soft_scores(probs.stored, weights).argmax(0)
         title = f"#{row.rank} {row.file_name}  score {row.score:.2f}  {row.top_confusion}"
         name = f"{row.rank:04d}_{Path(row.file_name).with_suffix('').as_posix().replace('/', '_')}.png"
         panels = [("label", target), ("OOF prediction", pred)]

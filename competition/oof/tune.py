@@ -133,7 +133,7 @@ class Tuner:
         classes, preds, counts = self.oof.num_classes, {}, []
         per_class = len(self.candidates) // max(1, classes - 1)
         for k in self.tables:
-            pred = preds[k] = combine(probs, self.votes[k]).astype(self.dtype)
+            pred = preds[k] = combine(probs.stored, self.votes[k]).astype(self.dtype)
             plain = confusion(pred, target, classes, self.oof.ignore_index)
             for c in range(1, classes):
                 outcomes = _outcomes(pred, target, c, plain, self.oof.ignore_index)
@@ -244,7 +244,7 @@ def tune_crf(
     for key, fold, probs, target in tqdm(oof, total=len(oof), desc="crf", unit="img", disable=not progress):
         image = read_image(safe_join(image_root, files[key]))
         for wkey, w in votes.items():
-            voted = soft_scores(probs, w)
+            voted = soft_scores(probs.stored, w)
             voted = voted / np.maximum(voted.sum(0, keepdims=True), 1e-12)
             table = counts.setdefault((wkey, fold), np.zeros((len(options), classes, classes), np.int64))
             for i, option in enumerate(options):

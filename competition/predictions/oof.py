@@ -129,11 +129,12 @@ def decode_probs(stored: np.ndarray) -> np.ndarray:
     """Probabilities of a stored OOF map: ``uint8`` levels ``round(p * 255)`` as float32 ``p`` (to 1/510), or
     a ``float16`` map (files written before quantisation) as it is."""
     if stored.dtype == np.uint8 and stored.ndim == 3:
-        return _from_levels(stored)
+        return from_levels(stored)
     return stored
 
 
-def _from_levels(levels: np.ndarray) -> np.ndarray:
+def from_levels(levels: np.ndarray) -> np.ndarray:
+    """Stored uint8 levels (any shape) as float32 probabilities, as ``decode_probs`` reads a map."""
     return levels.astype(np.float32) * np.float32(1 / 255)
 
 
@@ -166,7 +167,7 @@ class ImageMaps(Sequence[np.ndarray]):
         """Each run's probabilities ``[C, n]`` at the flat pixel indices ``index``, decoding only those
         (the same numbers as the decoded maps there)."""
         picked = [s.reshape(len(s), -1)[:, index] for s in self.stored]
-        return [_from_levels(p) if p.dtype == np.uint8 else p for p in picked]
+        return [from_levels(p) if p.dtype == np.uint8 else p for p in picked]
 
 
 def shrunk(shape: tuple[int, int], size: int | None) -> tuple[int, int]:

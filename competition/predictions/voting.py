@@ -3,12 +3,14 @@ or per member and class) and hard (majority) voting."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 
 from ..core.metrics import argmax_classes
 from ..core.runtime import normalize_weights
+from .oof import from_levels
 from .submission import mask_from_probs, resize_probs
 
 
@@ -16,12 +18,20 @@ def soft_scores(
     probs: Sequence[np.ndarray], weights: np.ndarray | Sequence[float] | None = None
 ) -> np.ndarray:
     """``sum_r w[r, c] p_r[c]`` of members' probabilities ``[C, ...]``; ``weights`` per member or per member
-    and class (see ``class_weights``). With per-member weights this is their weighted mean."""
+    and class (see ``class_weights``). With per-member weights this is their weighted mean. A uint8 member is
+    the levels an OOF file stores (``ImageMaps.stored``), read a class at a time as ``oof.from_levels`` reads
+    them: the same sums, without a float copy of each member."""
     w = class_weights(weights, len(probs), probs[0].shape[0]).astype(np.float32)
     shape = (-1,) + (1,) * (probs[0].ndim - 1)
     total = np.zeros(probs[0].shape, np.float32)
     for r, p in enumerate(probs):  # member by member: no [R, C, ...] float32 stack
-        total += w[r].reshape(shape) * p
+        if p.dtype == np.uint8:
+            for c, levels in enumerate(p):
+                row = from_levels(levels)
+                row *= w[r, c]
+                total[c] += row
+        else:
+            total += w[r].reshape(shape) * p
     return total
 
 
@@ -50,22 +60,71 @@ def combine(probs: Sequence[np.ndarray], weights: np.ndarray | None = None, vote
     return hard_vote([argmax_classes(p) for p in probs], soft_scores(probs, weights), weights)
 
 
+TIED = 255  # a vote table's entry where classes tie on votes (the summed probabilities decide)
+TABLE_LIMIT = 2**21  # the most label combinations (classes ** members) a vote table covers; 11 ** 6 fits
+CHUNK = 2**18  # combinations voted at a time while a table is built
+
+
 def hard_vote(
     labels: Sequence[np.ndarray], soft: np.ndarray, weights: np.ndarray | Sequence[float] | None = None
 ) -> np.ndarray:
     """The hard vote of ``combine`` from the members' argmax maps ``labels`` and their soft scores ``soft``
-    ``[C, ...]`` (``soft_scores``), for callers that have both already."""
+    ``[C, ...]`` (``soft_scores``), for callers that have both already.
+
+    The winner depends only on the members' labels, so it is looked up in a table over every combination of
+    labels (``vote_table``, cached per weights); only where classes tie on votes are the summed probabilities
+    read, for those pixels alone. Beyond ``TABLE_LIMIT`` combinations every pixel is voted directly."""
     classes, pixels = soft.shape[0], soft[0].size
     w = class_weights(weights, len(labels), classes)
+    flat = [np.asarray(label).reshape(-1) for label in labels]
+    scores = soft.reshape(classes, pixels)
+    if classes >= TIED or classes ** len(flat) > TABLE_LIMIT:
+        return _vote(flat, scores, w).reshape(soft.shape[1:])
+    code = np.zeros(pixels, np.int32)
+    for label in reversed(flat):  # sum_r label_r * classes ** r, Horner's way
+        code *= classes
+        code += label
+    out = np.take(vote_table(w.tobytes(), len(flat), classes), code).astype(np.intp)
+    tied = np.flatnonzero(out == TIED)
+    if tied.size:
+        out[tied] = _vote([label[tied] for label in flat], scores[:, tied], w)
+    return out.reshape(soft.shape[1:])
+
+
+@functools.lru_cache(maxsize=8)
+def vote_table(weights: bytes, members: int, classes: int) -> np.ndarray:
+    """uint8 winner of every combination of ``members`` labels (entry ``sum_r label_r * classes ** r``) under
+    the float64 ``[members, classes]`` ``weights`` (as bytes, to be cached); ``TIED`` where several classes
+    tie on votes."""
+    w = np.frombuffer(weights, np.float64).reshape(members, classes)
+    total = classes**members
+    table = np.empty(total, np.uint8)
+    for start in range(0, total, CHUNK):
+        codes = np.arange(start, min(total, start + CHUNK))
+        labels = [codes // classes**r % classes for r in range(members)]
+        winners = _winners(labels, w, classes)
+        table[codes] = np.where(winners.sum(0) == 1, winners.argmax(0), TIED)
+    return table
+
+
+def _winners(labels: Sequence[np.ndarray], w: np.ndarray, classes: int) -> np.ndarray:
+    """``[C, pixels]``: the classes of (near-)most votes, each member adding its weight ``w[r, label]``."""
+    pixels = labels[0].size
     votes = np.zeros(classes * pixels, np.float64)  # [C, pixels], a member's weight added where it chose c
     offset = np.arange(pixels)
     for r, label in enumerate(labels):
-        label = label.reshape(-1).astype(np.intp, copy=False)
+        label = label.astype(np.intp, copy=False)
         votes[label * pixels + offset] += w[r][label]  # in member order, as a per-class sum adds them
     votes = votes.reshape(classes, pixels)
     top = votes.max(0)
-    winners = top - votes <= 1e-8 + 1e-5 * top  # np.isclose(votes, top): the same numbers, votes <= top
-    return argmax_classes(np.where(winners, soft.reshape(classes, pixels), -1.0)).reshape(soft.shape[1:])
+    return top - votes <= 1e-8 + 1e-5 * top  # np.isclose(votes, top): the same numbers, votes <= top
+
+
+def _vote(labels: Sequence[np.ndarray], scores: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The hard vote of flat ``labels`` with their ``[C, pixels]`` soft ``scores``: among the classes of most
+    votes, the one of the largest score (then the lowest class)."""
+    winners = _winners(labels, w, scores.shape[0])
+    return argmax_classes(np.where(winners, scores, -1.0))
 
 
 def vote_mask(

@@ -14,6 +14,7 @@ from competition.data.splits import build_datasets
 from competition.oof.scores import audit_table
 from competition.oof.tune import AREAS, _outcomes, tune
 from competition.oof.weights import search_weights
+from competition.predictions import voting
 from competition.predictions.postprocess import PostProcess, enclosed, fill_holes, remove_small
 from competition.predictions.voting import class_weights, combine, soft_scores
 from tests.conftest import fake_oof_run, onehot, tiny_config_dict
@@ -123,11 +124,16 @@ def _hard_vote_per_class(probs, weights):
     return np.where(np.isclose(votes, votes.max(0)), soft, -1.0).argmax(0)
 
 
+@pytest.mark.parametrize("table", [True, False], ids=["vote table", "voted per pixel"])
 @pytest.mark.parametrize("weights", [None, [2.0, 1.0, 1.0, 0.0], [3.0, 1.0, 1.0, 1.0], "per_class"])
-def test_hard_vote_counts_as_its_per_class_definition_on_tied_maps(weights):
+def test_hard_vote_counts_as_its_per_class_definition_on_tied_maps(weights, table, monkeypatch):
     """Quantised probabilities and equal weights make many exact ties between classes and between summed
-    probabilities: the counted vote (votes added where each member chose) decides all of them as the
-    per-class definition does."""
+    probabilities: the vote looked up in the table of label combinations (the tied pixels voted alone), and
+    the vote counted on every pixel (beyond ``TABLE_LIMIT``), decide all of them as the per-class definition
+    does."""
+    assert 5**4 <= voting.TABLE_LIMIT
+    if not table:
+        monkeypatch.setattr(voting, "TABLE_LIMIT", 5**4 - 1)
     rng = np.random.default_rng(3)
     for _ in range(20):
         probs = [np.round(rng.dirichlet(np.ones(5), size=(9, 7)).transpose(2, 0, 1) * 4) / 4 for _ in "abcd"]

@@ -12,6 +12,7 @@ from competition.oof.scores import audit_table, evaluate_oof
 from competition.oof.tune import tune
 from competition.oof.weights import search_weights
 from competition.predictions.oof import DTYPE_KEY, OofRuns, decode_probs, to_uint8
+from competition.predictions.voting import combine, soft_scores
 
 CLASSES = ["bg", "a", "b", "c"]
 
@@ -73,6 +74,20 @@ def test_an_image_s_maps_decode_only_when_its_probabilities_are_asked_for(both, 
     fresh = oof.read(key)[1]
     assert all(np.array_equal(p, m.reshape(len(m), -1)[:, index]) for p, m in zip(fresh.pixels(index), maps))
     assert fresh.decoded is None
+
+
+@pytest.mark.parametrize("weights", [None, [0.5, 0.3, 0.2], "per_class"])
+def test_soft_scores_of_stored_levels_are_those_of_the_decoded_maps(both, weights):
+    """The votes read uint8 levels a class at a time: bit for bit the sums of the decoded float maps, so the
+    soft vote, the hard vote's tie break and the audit's numbers do not depend on how the maps arrive."""
+    oof = OofRuns(both["uint8"], workers=1)
+    w = np.random.default_rng(1).random((3, len(CLASSES))) if weights == "per_class" else weights
+    for key in list(oof.file_names)[:4]:
+        maps = oof.read(key)[1]
+        direct = soft_scores(maps.stored, w)
+        assert maps.decoded is None  # nothing decoded whole
+        assert np.array_equal(direct, soft_scores(list(maps), w))
+        assert np.array_equal(combine(maps.stored, w, vote="hard"), combine(list(maps), w, vote="hard"))
 
 
 def test_uint8_and_float16_files_make_the_same_choices(both):
