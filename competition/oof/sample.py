@@ -13,28 +13,66 @@ Images with no more labelled pixels than the quota are taken whole (the sample i
 
 from __future__ import annotations
 
+import contextlib
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from ..predictions.oof import ImageMaps, OofRuns
+from ..core.io import read_ahead
+from ..core.metrics import argmax_classes
+from ..predictions.oof import ImageMaps, OofRuns, from_levels
 
 
 @dataclass
 class OofSample:
-    """Sampled pixels of every image of some runs' OOF files."""
+    """Sampled pixels of every image of some runs' OOF files, class-major, fold by fold (image order within a
+    fold), and within a fold first the pixels where every run's argmax agrees (``agree``), then the others."""
 
-    probs: np.ndarray  # [N, R, C] float16: each run's probabilities at the sampled pixels
+    probs: np.ndarray  # [C, R, N]: each run's stored values there (uint8 levels p x 255, else float16)
     target: np.ndarray  # [N] int64: the label of each sampled pixel
     weight: np.ndarray  # [N] float64: how many pixels of its image and class each one stands for
-    fold: np.ndarray  # [N] int64: the fold the pixel's image is out-of-fold in
+    fold: np.ndarray  # [N] int64, sorted: the fold the pixel's image is out-of-fold in
     num_classes: int
+    workers: int = 1  # threads that score it (vote_counts, column_counts): those that read its runs
+    agree: np.ndarray | None = None  # [N] bool: every run's argmax is the same class there (made if None)
+    label: np.ndarray | None = None  # [N]: run 0's argmax class, everyone's where they agree (made if None)
+
+    def __post_init__(self) -> None:
+        if self.agree is None or self.label is None:
+            self.agree, self.label = _agreement(self.probs)
+        self.bounds: dict[int, tuple[int, int, int]] = {}  # fold -> (start, first disagreeing pixel, stop)
+        for fold in np.unique(self.fold).tolist():
+            start, stop = np.searchsorted(self.fold, [fold, fold + 1])
+            self.bounds[int(fold)] = (int(start), int(start + self.agree[start:stop].sum()), int(stop))
 
     @property
     def folds(self) -> list[int]:
-        return sorted(int(f) for f in np.unique(self.fold))
+        return list(self.bounds)
+
+    def parts(self, step: int, disagreeing: bool = False) -> list[tuple[int, slice]]:
+        """``(fold, pixels)`` of every fold's pixels (``disagreeing``: only those where the runs' argmax
+        differ), ``step`` at a time."""
+        out = []
+        for fold, (start, mid, stop) in self.bounds.items():
+            first = mid if disagreeing else start
+            out += [(fold, slice(a, min(stop, a + step))) for a in range(first, stop, step)]
+        return out
+
+    def agreed(self, fold: int) -> np.ndarray:
+        """Weighted ``[C * C]`` counts of fold ``fold``'s pixels where every run's argmax agrees: those of
+        any convex combination of the runs (each keeps that argmax)."""
+        start, mid, _ = self.bounds[fold]
+        cell = self.target[start:mid] * self.num_classes + self.label[start:mid]
+        return np.bincount(cell, self.weight[start:mid], self.num_classes**2)
+
+    def by_class(self, part: slice) -> np.ndarray:
+        """``[C, R, P]`` float32 probabilities of the pixels ``part`` (levels decoded as ``oof.from_levels``
+        decodes a map)."""
+        stored = self.probs[:, :, part]
+        return from_levels(stored) if stored.dtype == np.uint8 else stored.astype(np.float32)
 
 
 def sample_pixels(
@@ -66,27 +104,42 @@ def sample_oof(oof: OofRuns, per_image: int = 2048, seed: int = 0) -> OofSample:
     def one(key: str, fold: int, probs: ImageMaps, target: np.ndarray) -> tuple:
         rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
         index, weight = sample_pixels(target, classes, oof.ignore_index, per_image, rng)
-        stacked = np.stack([p.T for p in probs.pixels(index)], axis=1)  # [n, R, C], only these decoded
-        return stacked.astype(np.float16), target.reshape(-1)[index].astype(np.int64), weight, fold
+        picked = probs.pixels(index)  # [C, n] per run, nothing else decompressed or decoded
+        if any(p.dtype != np.uint8 for p in picked):  # float16 files (or a mix): as float16 probabilities
+            picked = [_half(p) for p in picked]
+        stacked = np.stack(picked, axis=1)  # [C, R, n]
+        return stacked, target.reshape(-1)[index].astype(np.int64), weight, fold
 
     parts = list(oof.map(one))  # each image's sample drawn on the reading threads
     if not parts:
         raise ValueError("no OOF images to sample")
+    if len({p[0].dtype for p in parts}) > 1:  # folds written as levels and as float16: all as float16
+        parts = [(_half(p[0]), *p[1:]) for p in parts]
+    probs = np.concatenate([p[0] for p in parts], axis=2)
+    fold = np.concatenate([np.full(len(p[1]), p[3], np.int64) for p in parts])
+    agree, label = _agreement(probs)
+    order = np.lexsort((~agree, fold))  # fold by fold, agreeing pixels first, image order kept within
     return OofSample(
-        np.concatenate([p[0] for p in parts]),
-        np.concatenate([p[1] for p in parts]),
-        np.concatenate([p[2] for p in parts]),
-        np.concatenate([np.full(len(p[1]), p[3], np.int64) for p in parts]),
+        probs[:, :, order],
+        np.concatenate([p[1] for p in parts])[order],
+        np.concatenate([p[2] for p in parts])[order],
+        fold[order],
         classes,
+        oof.workers,
+        agree[order],
+        label[order],
     )
 
 
-def _parts(sample: OofSample, fold: int, step: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``(probs [P, R, C] float32, target [P], weight [P])`` of fold ``fold``'s pixels, ``step`` at a time."""
-    rows = np.flatnonzero(sample.fold == fold)
-    for start in range(0, len(rows), step):
-        part = rows[start : start + step]
-        yield sample.probs[part].astype(np.float32), sample.target[part], sample.weight[part]
+def _agreement(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where every run's argmax class of ``probs`` ``[C, R, N]`` is the same (levels keep each pixel's
+    argmax), and run 0's class."""
+    each = argmax_classes(probs)
+    return (each == each[:1]).all(0), each[0].astype(np.min_scalar_type(len(probs) - 1))
+
+
+def _half(stored: np.ndarray) -> np.ndarray:
+    return (from_levels(stored) if stored.dtype == np.uint8 else stored).astype(np.float16)
 
 
 def _confusions(target: np.ndarray, pred: np.ndarray, weight: np.ndarray, classes: int) -> np.ndarray:
@@ -95,56 +148,94 @@ def _confusions(target: np.ndarray, pred: np.ndarray, weight: np.ndarray, classe
     return np.bincount(cell.ravel(), np.broadcast_to(weight, pred.shape).ravel(), len(pred) * classes**2)
 
 
-def vote_counts(sample: OofSample, weights: np.ndarray, chunk: int = 1 << 22) -> dict[int, np.ndarray]:
+def vote_counts(
+    sample: OofSample, weights: np.ndarray, chunk: int = 1 << 22, workers: int | None = None
+) -> dict[int, np.ndarray]:
     """Per fold, the weighted confusion matrices ``[G, C, C]`` of the soft votes of ``weights`` (``[G, R]``
     per run, or ``[G, R, C]`` per run and class) on the sample, rounded to whole pixels. Pixels are scored
-    in chunks of about ``chunk`` vote values, so memory stays bounded whatever the grid size."""
+    in chunks of about ``chunk`` vote values (memory stays bounded whatever the grid size) on ``workers``
+    threads (default: the sample's), merged in order (the counts of one thread)."""
     w = np.asarray(weights, dtype=np.float32)
     grid, classes = len(w), sample.num_classes
+
+    def count(part: slice) -> np.ndarray:
+        p, target, weight = sample.by_class(part), sample.target[part], sample.weight[part]
+        return _confusions(target, _voted(w, p), weight, classes)
+
     step = max(1, chunk // max(1, grid * classes))
-    out: dict[int, np.ndarray] = {}
-    for fold in sample.folds:
-        counts = np.zeros(grid * classes * classes)
-        for p, target, weight in _parts(sample, fold, step):
-            if w.ndim == 2:  # where every run's argmax agrees, so does every convex combination's
-                each = p.argmax(-1)
-                agree = (each == each[:, :1]).all(1)
-                same = np.bincount(target[agree] * classes + each[agree, 0], weight[agree], classes * classes)
-                counts += np.tile(same, grid)
-                p, target, weight = p[~agree], target[~agree], weight[~agree]
-                votes = (w @ p.transpose(1, 0, 2).reshape(p.shape[1], -1)).reshape(grid, len(p), classes)
-            else:
-                votes = sum(w[:, r, None, :] * p[None, :, r, :] for r in range(p.shape[1]))
-            counts += _confusions(target, votes.argmax(-1), weight, classes)
-        out[fold] = np.rint(counts).astype(np.int64).reshape(grid, classes, classes)
-    return out
+    per_run = w.ndim == 2  # where every run's argmax agrees, so does every convex combination's: counted once
+    counts = _per_fold(sample, sample.parts(step, disagreeing=per_run), count, workers, grid)
+    if per_run:
+        for fold in counts:
+            counts[fold] += np.tile(sample.agreed(fold), grid)
+    return {f: np.rint(c).astype(np.int64).reshape(grid, classes, classes) for f, c in counts.items()}
+
+
+def _voted(w: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """``[G, P]`` arg-max class of the votes ``sum_r w[g, r(, c)] p[c, r]`` of class-major probabilities
+    ``p`` ``[C, R, P]``, a class at a time (the first class of the largest vote, as ``argmax``)."""
+    weights = (lambda c: w) if w.ndim == 2 else (lambda c: w[:, :, c])
+    best = weights(0) @ p[0]
+    index = np.zeros(best.shape, np.min_scalar_type(len(p) - 1))
+    for c in range(1, len(p)):
+        score = weights(c) @ p[c]
+        np.putmask(index, score > best, c)
+        np.maximum(best, score, out=best)
+    return index
+
+
+def _per_fold(
+    sample: OofSample,
+    parts: list[tuple[int, slice]],
+    count: Callable[[slice], np.ndarray],
+    workers: int | None,
+    size: int,
+) -> dict[int, np.ndarray]:
+    """``count(pixels)`` of every part (``OofSample.parts``) on ``workers`` threads (default: the sample's),
+    summed per fold in order: flat ``[size * C * C]`` per fold."""
+    totals = {fold: np.zeros(size * sample.num_classes**2) for fold in sample.folds}
+    threads = sample.workers if workers is None else workers
+    # the parts' small matrix products run on our threads: BLAS threads of their own would oversubscribe
+    with threadpool_limits(1, user_api="blas") if threads > 1 else contextlib.nullcontext():
+        for (fold, _), counts in zip(parts, read_ahead(count, [part for _, part in parts], threads)):
+            totals[fold] += counts
+    return totals
 
 
 def column_counts(
-    sample: OofSample, base: np.ndarray, candidates: list[tuple[int, np.ndarray]], chunk: int = 1 << 22
+    sample: OofSample,
+    base: np.ndarray,
+    candidates: list[tuple[int, np.ndarray]],
+    chunk: int = 1 << 22,
+    workers: int | None = None,
 ) -> dict[int, np.ndarray]:
     """Per fold, confusion matrices ``[K, C, C]``: for candidate ``(c, column)``, the soft vote of the
     per-run-and-class weights ``base`` ``[R, C]`` with class ``c``'s column replaced by ``column`` (the
     per-class weight search). Only class ``c``'s score changes, so each candidate costs a comparison per
-    pixel instead of a whole vote; ties go to the lower class index, as ``argmax`` breaks them."""
+    pixel against the best other class (the top score, or the second where the top is ``c``) instead of a
+    whole vote; ties go to the lower class index, as ``argmax`` breaks them."""
     base = np.asarray(base, np.float32)
     classes, size = sample.num_classes, len(candidates)
     which_class = np.array([c for c, _ in candidates])
     columns = np.stack([np.asarray(col, np.float32) for _, col in candidates])  # [K, R]
-    step = max(1, chunk // max(1, size))
-    out: dict[int, np.ndarray] = {}
-    for fold in sample.folds:
-        counts = np.zeros(size * classes * classes)
-        for p, target, weight in _parts(sample, fold, step):
-            scores = np.einsum("rc,prc->pc", base, p)
-            pred = np.empty((size, len(p)), np.int64)
-            for c in np.unique(which_class):
-                rows = np.flatnonzero(which_class == c)
-                others = scores.copy()
-                others[:, c] = -np.inf
-                best, which = others.max(1), others.argmax(1)
-                alt = columns[rows] @ p[:, :, c].T  # [k, P]
-                pred[rows] = np.where((alt > best) | ((alt == best) & (c < which)), c, which[None, :])
-            counts += _confusions(target, pred, weight, classes)
-        out[fold] = np.rint(counts).astype(np.int64).reshape(size, classes, classes)
-    return out
+
+    def count(part: slice) -> np.ndarray:
+        p, target, weight = sample.by_class(part), sample.target[part], sample.weight[part]
+        scores = np.stack([base[:, c] @ p[c] for c in range(classes)])  # [C, P]
+        pixels = np.arange(scores.shape[1])
+        first = argmax_classes(scores)
+        top = scores[first, pixels]
+        scores[first, pixels] = -np.inf
+        second = argmax_classes(scores)
+        runner_up = scores[second, pixels]
+        pred = np.empty((size, len(pixels)), np.int64)
+        for c in np.unique(which_class):
+            rows = np.flatnonzero(which_class == c)
+            is_top = first == c  # the best other class: the runner-up where c is on top
+            best, which = np.where(is_top, runner_up, top), np.where(is_top, second, first)
+            alt = columns[rows] @ p[c]  # [k, P]
+            pred[rows] = np.where((alt > best) | ((alt == best) & (c < which)), c, which[None, :])
+        return _confusions(target, pred, weight, classes)
+
+    counts = _per_fold(sample, sample.parts(max(1, chunk // max(1, size))), count, workers, size)
+    return {f: np.rint(c).astype(np.int64).reshape(size, classes, classes) for f, c in counts.items()}

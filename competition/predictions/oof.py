@@ -164,10 +164,9 @@ class ImageMaps(Sequence[np.ndarray]):
         return [argmax_classes(s) for s in self.stored]
 
     def pixels(self, index: np.ndarray) -> list[np.ndarray]:
-        """Each run's probabilities ``[C, n]`` at the flat pixel indices ``index``, decoding only those
-        (the same numbers as the decoded maps there)."""
-        picked = [s.reshape(len(s), -1)[:, index] for s in self.stored]
-        return [from_levels(p) if p.dtype == np.uint8 else p for p in picked]
+        """Each run's stored values ``[C, n]`` (uint8 levels, or float16) at the flat pixel indices ``index``:
+        only those are decoded later (``from_levels`` gives the numbers the decoded maps have there)."""
+        return [s.reshape(len(s), -1)[:, index] for s in self.stored]
 
 
 def shrunk(shape: tuple[int, int], size: int | None) -> tuple[int, int]:

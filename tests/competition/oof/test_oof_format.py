@@ -72,7 +72,10 @@ def test_an_image_s_maps_decode_only_when_its_probabilities_are_asked_for(both, 
     assert len(list(maps)) == len(maps) == 3
     index = np.array([5, 0, 2303, 77])  # flat pixels, decoded alone: the numbers the whole maps have there
     fresh = oof.read(key)[1]
-    assert all(np.array_equal(p, m.reshape(len(m), -1)[:, index]) for p, m in zip(fresh.pixels(index), maps))
+    picked = fresh.pixels(index)  # stored values, decoded as a map is
+    assert all(str(p.dtype) == dtype and p.shape == (len(CLASSES), 4) for p in picked)
+    decoded = [decode_probs(p[:, :, None])[:, :, 0] for p in picked]
+    assert all(np.array_equal(p, m.reshape(len(m), -1)[:, index]) for p, m in zip(decoded, maps))
     assert fresh.decoded is None
 
 
@@ -104,6 +107,26 @@ def test_uint8_and_float16_files_make_the_same_choices(both):
     files = {str(i): f"{i}.png" for i in range(16)}
     top = {k: audit_table(v, files)["file_name"].head(5).tolist() for k, v in both.items()}
     assert top["float16"] == top["uint8"]
+
+
+def test_the_weight_search_samples_stored_levels_and_a_float16_run_beside_them_as_float16(both):
+    """The sample keeps the stored uint8 levels (decoded when scored: the decoded maps' numbers) in fold
+    order with the pixels where every run agrees first; a float16 run among uint8 ones makes it float16
+    probabilities, and the search chooses as with all float16."""
+    from competition.oof.sample import sample_oof
+
+    levels = sample_oof(OofRuns(both["uint8"]), per_image=64)
+    assert levels.probs.dtype == np.uint8 and levels.probs.shape[:2] == (len(CLASSES), 3)
+    assert np.all(np.diff(levels.fold) >= 0)
+    for start, mid, stop in levels.bounds.values():
+        assert levels.agree[start:mid].all() and not levels.agree[mid:stop].any()
+    mixed = [both["float16"][0], *both["uint8"][1:]]
+    half = sample_oof(OofRuns(mixed), per_image=64)
+    assert half.probs.dtype == np.float16
+    np.testing.assert_allclose(half.probs[:, 1:], levels.probs[:, 1:] / 255, atol=1e-3)
+    assert np.array_equal(half.target, levels.target)
+    chosen = [search_weights(runs, step=0.25).weights.tolist() for runs in (mixed, both["float16"])]
+    assert chosen[0] == chosen[1]
 
 
 def test_uint8_files_are_smaller_and_files_without_the_format_key_still_read(both, tmp_path):
@@ -166,3 +189,6 @@ def test_every_pass_gives_on_two_threads_exactly_what_it_gives_on_one(both):
     for field in ("probs", "target", "weight", "fold"):
         assert np.array_equal(getattr(s1, field), getattr(s2, field)), field
     assert search_weights(one, step=0.25).weights.tolist() == search_weights(two, step=0.25).weights.tolist()
+    per_class = [search_weights(oof, step=0.25, per_class=True) for oof in (one, two)]
+    assert per_class[0].weights.tolist() == per_class[1].weights.tolist()
+    assert (per_class[0].in_sample, per_class[0].nested) == (per_class[1].in_sample, per_class[1].nested)
