@@ -11,15 +11,15 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..core.io import read_ahead
 from ..core.metrics import confusion, miou_of
 from ..predictions import provenance
 from ..predictions.crf import CrfSettings, dense_crf
 from ..predictions.oof import ImageMaps, OofRuns, opened
-from ..predictions.postprocess import PostProcess, enclosed
+from ..predictions.postprocess import PostProcess, components, enclosed
 from ..predictions.voting import combine
 from .nested import FoldTable, nested_folds
 
@@ -36,37 +36,40 @@ def _outcomes(
 ) -> dict[tuple[float, bool], np.ndarray]:
     """Confusion counts of ``pred`` after each ``(min_area, fill_holes)`` setting of class ``cls`` (as
     ``PostProcess`` applies them: small components removed, then holes filled). Components are found once;
-    each setting's counts are ``plain``'s corrected on the pixels it changes. Empty when ``cls`` is absent
+    each setting's counts are ``plain``'s with the pixels it changes moved between predicted classes (removed
+    pixels from ``cls`` to background, filled holes from background to ``cls``). Empty when ``cls`` is absent
     (every setting leaves ``pred`` as it is)."""
     binary = pred == cls
     if not binary.any():
         return {}
     classes = len(plain)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    labels, areas = components(binary)
     out: dict[tuple[float, bool], np.ndarray] = {}
     done: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}  # by the components removed
 
-    def corrected(after: np.ndarray) -> np.ndarray:
-        changed = after != pred
-        if not changed.any():
-            return plain
-        t = target[changed]
-        return (
-            plain
-            - confusion(pred[changed], t, classes, ignore_index)
-            + confusion(after[changed], t, classes, ignore_index)
-        )
+    def moved(counts: np.ndarray, pixels: np.ndarray, old: int, new: int) -> np.ndarray:
+        """``counts`` with the predictions at ``pixels`` (a mask) changed from ``old`` to ``new``."""
+        t = target[pixels]
+        keep = t < classes if ignore_index is None else (t < classes) & (t != ignore_index)
+        n = np.bincount(t[keep], minlength=classes)
+        if not n.any():
+            return counts
+        counts = counts.copy()
+        counts[:, old] -= n
+        counts[:, new] += n
+        return counts
 
     for area in AREAS:
         min_pixels = int(round(area * pred.size))
-        small = stats[:, cv2.CC_STAT_AREA] < min_pixels if min_pixels > 1 else np.zeros(count, bool)
+        small = areas < min_pixels if min_pixels > 1 else np.zeros(len(areas), bool)
         small[0] = False  # label 0 is everything that is not the class
         key = tuple(np.flatnonzero(small))
         if key not in done:
-            removed = small[labels]
-            after = np.where(removed, 0, pred).astype(pred.dtype)
-            filled = np.where(enclosed(binary & ~removed) & (after == 0), cls, after).astype(pred.dtype)
-            done[key] = corrected(after), corrected(filled)
+            removed = small[labels] if key else np.zeros_like(binary)
+            after = moved(plain, removed, cls, 0) if key else plain
+            holes = enclosed(binary & ~removed)  # of what is left; only background pixels are filled
+            filled = moved(moved(plain, removed & ~holes, cls, 0), holes & (pred == 0), 0, cls)
+            done[key] = after, filled
         out[(area, False)], out[(area, True)] = done[key]
     return out
 
@@ -163,11 +166,16 @@ class Tuner:
         oof, keys = self.oof, self.keys
         chosen, per_fold = self._choose(None), {f: self._choose(f) for f in self.folds}
         final = FoldTable(oof.num_classes, oof.ignore_index)
-        for fold, target, preds in self.kept:
+
+        def scored(kept: tuple) -> tuple[int, list[np.ndarray]]:  # on the reading threads, merged in order
+            fold, target, preds = kept
             pred = preds[keys[None]]
-            final.add(fold, "plain", pred, target)
-            final.add(fold, "in", chosen(pred), target)
-            final.add(fold, "nested", per_fold[fold](preds[keys[fold]]), target)
+            made = [pred, chosen(pred), per_fold[fold](preds[keys[fold]])]
+            return fold, [confusion(p, target, oof.num_classes, oof.ignore_index) for p in made]
+
+        for fold, counts in read_ahead(scored, self.kept, oof.workers):
+            for name, matrix in zip(("plain", "in", "nested"), counts):
+                final.add_counts(fold, name, matrix)
         scores = {name: final.miou(name) for name in ("plain", "in", "nested")}
         chosen.scores = {"oof_miou_plain": scores["plain"], "oof_miou_in_sample": scores["in"]}
         chosen.scores["oof_miou_nested"] = scores["nested"]

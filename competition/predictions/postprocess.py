@@ -31,30 +31,32 @@ from ..core.io import atomic_write_text
 
 def remove_small(mask: np.ndarray, cls: int, min_pixels: int, fill: int = 0) -> np.ndarray:
     """``mask`` with the 8-connected components of ``cls`` smaller than ``min_pixels`` set to ``fill``."""
-    binary = (mask == cls).astype(np.uint8)
+    binary = mask == cls
     if min_pixels <= 1 or not binary.any():
         return mask
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
-    small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < min_pixels)
-    small = small[small > 0]  # label 0 is everything that is not the class
-    if not len(small):
+    labels, areas = components(binary)
+    small = areas < min_pixels
+    small[0] = False  # label 0 is everything that is not the class
+    if not small.any():
         return mask
     out = mask.copy()
-    out[np.isin(labels, small)] = fill
+    out[small[labels]] = fill
     return out
+
+
+def components(region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected components of ``region``: each pixel's label (0 outside it) and each label's area."""
+    _, labels = cv2.connectedComponents(region.view(np.uint8), connectivity=8)
+    return labels, np.bincount(labels.reshape(-1))
 
 
 def enclosed(region: np.ndarray) -> np.ndarray:
     """Pixels outside ``region`` that no 4-connected path outside it joins to the image border: the
-    pixels ``scipy.ndimage.binary_fill_holes`` adds, from one connected-components call."""
-    _, labels, stats, _ = cv2.connectedComponentsWithStats((~region).astype(np.uint8), connectivity=4)
-    height, width = region.shape
-    x, y, w, h = (
-        stats[:, i] for i in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT)
-    )
-    inner = (x > 0) & (y > 0) & (x + w < width) & (y + h < height)
-    inner[0] = False  # label 0 is the region itself
-    return inner[labels]
+    pixels ``scipy.ndimage.binary_fill_holes`` adds. The outside, framed by one more pixel, is flooded from
+    the frame; what the flood does not reach is enclosed."""
+    outside = np.pad(~region, 1, constant_values=True).view(np.uint8)
+    cv2.floodFill(outside, None, (0, 0), 0, flags=4)
+    return outside[1:-1, 1:-1].view(bool)
 
 
 def fill_holes(mask: np.ndarray, cls: int, background: int = 0) -> np.ndarray:
