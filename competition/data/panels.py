@@ -95,11 +95,16 @@ def save_panels(
     label = {255: "ignore", **dict(enumerate(class_names))}
     # an edge, so that a white swatch (ignore) shows on the white page
     handles = [Patch(facecolor=colours[c] / 255, edgecolor="0.5", label=label.get(c, str(c))) for c in shown]
+    # fixed margins in inches (the legend's rows, the titles): a tight layout would draw the figure once more
+    tall = fig.get_figheight()
+    columns = min(len(handles), 6)
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+        fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=8, frameon=False)
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.12 if handles else 0, 1, 1))
+        fig.suptitle(title, fontsize=9, y=1 - 0.08 / tall, va="top")
+    rows = -(-len(handles) // max(columns, 1))
+    bottom, top = (0.1 + 0.2 * rows) / tall, 1 - (0.6 if title else 0.35) / tall
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=bottom, top=top, wspace=0.04)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
