@@ -21,6 +21,7 @@ import pandas as pd
 from ..core.checkpoint import fold_dirs, read_run_config
 from ..core.io import atomic_write_csv, check_writable
 from ..data.splits import data_files
+from ..predictions.oof import OofRuns
 from .scores import audit_table, write_gallery
 
 
@@ -38,6 +39,7 @@ def run_audit(
     check_writable(out_dir / "audit.csv", overwrite)
     # one fold's config stands for the data: every image's file name is then checked against the OOF files
     files, root = data_files(read_run_config(fold_dirs(runs[0])[0]))
-    table = audit_table(runs, files, weights, allow_partial)
+    oof = OofRuns(runs, allow_partial)  # opened once for the table and the gallery
+    table = audit_table(oof, files, weights)
     atomic_write_csv(out_dir / "audit.csv", table)
-    return table, write_gallery(runs, table, root, out_dir / "gallery", gallery, weights, allow_partial)
+    return table, write_gallery(oof, table, root, out_dir / "gallery", gallery, weights)

@@ -26,6 +26,7 @@ from ..core.html import table as html_table
 from ..core.io import check_writable
 from ..core.metrics import iou_of
 from ..data.splits import data_files
+from ..predictions.oof import OofRuns
 from ..predictions.submission import class_pixel_counts
 from .scores import score_oof, write_gallery
 
@@ -123,12 +124,10 @@ def confusion_figure(matrix: np.ndarray, names: list[str], title: str) -> str:
     return png(fig)
 
 
-def worst_images(
-    runs: Sequence[Path], table: pd.DataFrame, root: Path, count: int, weights: Any, allow_partial: bool
-) -> str:
+def worst_images(oof: OofRuns, table: pd.DataFrame, root: Path, count: int, weights: Any) -> str:
     """The ``count`` worst rows of the audit ``table`` and their gallery panels (only those decompressed)."""
     with tempfile.TemporaryDirectory() as tmp:
-        paths = write_gallery(runs, table, root, Path(tmp), count, weights, allow_partial)
+        paths = write_gallery(oof, table, root, Path(tmp), count, weights)
         images = "".join(img(p.read_bytes(), p.stem) for p in paths)
     shown = table.head(count)[["rank", "file_name", "fold", "score", "pixel_error", "top_confusion"]]
     return html_table(shown) + images
@@ -180,7 +179,8 @@ def build_report(
     # one pass over the OOF files: the OOF table, the confusion matrices and the audit ranking
     cfg = read_run_config(fold_dirs(runs[0])[0])
     files, root = data_files(cfg)  # the data the runs trained on
-    scores = score_oof(runs, weights, allow_partial, files)
+    oof = OofRuns(runs, allow_partial)  # opened once for the scores and the gallery
+    scores = score_oof(oof, weights, files=files)
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f'<p class="note">written {datetime.datetime.now():%Y-%m-%d %H:%M} from '
@@ -208,7 +208,7 @@ def build_report(
         f"<h2>Worst {worst} OOF images</h2>",
         '<p class="note">Ranked by the mean cross-entropy of the label under the OOF prediction '
         "(<code>competition audit</code> lists every image).</p>",
-        worst_images(runs, scores.audit, root, worst, weights, allow_partial),
+        worst_images(oof, scores.audit, root, worst, weights),
     ]
     if submission is not None:
         train_pixels = matrices[combined].sum(1)

@@ -193,7 +193,7 @@ def _ranked(rows: list[dict]) -> pd.DataFrame:
 
 
 def write_gallery(
-    runs: Sequence[str | os.PathLike],
+    runs: Sequence[str | os.PathLike] | OofRuns,
     table: pd.DataFrame,
     root: Path,
     out_dir: Path,
