@@ -169,8 +169,9 @@ class Tuner:
 
         def scored(kept: tuple) -> tuple[int, list[np.ndarray]]:  # on the reading threads, merged in order
             fold, target, preds = kept
-            pred = preds[keys[None]]
-            made = [pred, chosen(pred), per_fold[fold](preds[keys[fold]])]
+            pred, done = preds[keys[None]], chosen(preds[keys[None]])
+            same = keys[fold] == keys[None] and per_fold[fold].operations == chosen.operations
+            made = [pred, done, done if same else per_fold[fold](preds[keys[fold]])]  # often one choice
             return fold, [confusion(p, target, oof.num_classes, oof.ignore_index) for p in made]
 
         for fold, counts in read_ahead(scored, self.kept, oof.workers):

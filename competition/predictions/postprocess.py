@@ -96,9 +96,15 @@ class PostProcess:
             raise ValueError(f"min_area is a fraction of the image area in [0, 1), got {bad}")
 
     @property
+    def operations(self) -> tuple[dict[str, float], set[str]]:
+        """The mask operations it applies: each class's ``min_area`` above 0, the classes whose holes it fills
+        (two files of equal operations change every mask alike)."""
+        return {k: v for k, v in self.min_area.items() if v > 0}, {k for k, v in self.fill_holes.items() if v}
+
+    @property
     def changes_masks(self) -> bool:
         """Whether any mask operation is set (they turn pixels into background, class 0)."""
-        return any(self.min_area.values()) or any(self.fill_holes.values())
+        return any(self.operations)
 
     def refine(self, probs: np.ndarray, image: np.ndarray) -> np.ndarray:
         """``probs`` ``[C, H, W]`` after the dense CRF this file sets (unchanged without one)."""

@@ -91,6 +91,19 @@ def test_each_tuning_candidate_counts_what_applying_it_gives():
     assert _outcomes(np.zeros((8, 8), np.uint8), np.zeros((8, 8)), 1, plain, 255) == {}  # class absent
 
 
+def test_postprocess_operations_ignore_settings_that_do_nothing():
+    """Two files whose mask operations are equal change every mask alike (the tuner then scores one)."""
+    names = ["bg", "a", "b"]
+    noisy = PostProcess(names, min_area={"a": 0.0, "b": 0.01}, fill_holes={"a": False, "b": True})
+    plain = PostProcess(names, min_area={"b": 0.01}, fill_holes={"b": True}, scores={"x": 1.0})
+    assert noisy.operations == plain.operations == ({"b": 0.01}, {"b"})
+    assert noisy.operations != PostProcess(names, min_area={"b": 0.01}).operations
+    assert not PostProcess(names, min_area={"a": 0.0}, fill_holes={"b": False}).changes_masks
+    mask = np.zeros((12, 12), np.uint8)
+    mask[2:9, 2:9], mask[4, 4], mask[11, 11] = 2, 0, 2
+    assert np.array_equal(noisy(mask), plain(mask)) and not np.array_equal(plain(mask), mask)
+
+
 def test_postprocess_settings_are_fractions_of_the_image_and_belong_to_their_classes(tmp_path):
     pp = PostProcess(["bg", "a", "b"], min_area={"a": 0.05})  # 5% of 10x10 = 5 px
     mask = np.zeros((10, 10), np.uint8)
