@@ -44,6 +44,8 @@ def _outcomes(
         return {}
     classes = len(plain)
     labels, areas = components(binary)
+    holes = enclosed(binary)
+    background = pred == 0 if holes.any() else None  # no hole: removing components cannot make one
     out: dict[tuple[float, bool], np.ndarray] = {}
     done: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}  # by the components removed
 
@@ -65,10 +67,14 @@ def _outcomes(
         small[0] = False  # label 0 is everything that is not the class
         key = tuple(np.flatnonzero(small))
         if key not in done:
-            removed = small[labels] if key else np.zeros_like(binary)
+            removed = small[labels] if key else None
             after = moved(plain, removed, cls, 0) if key else plain
-            holes = enclosed(binary & ~removed)  # of what is left; only background pixels are filled
-            filled = moved(moved(plain, removed & ~holes, cls, 0), holes & (pred == 0), 0, cls)
+            filled = after
+            if background is not None:  # holes of what is left; only background pixels are filled
+                left = enclosed(binary & ~removed) if key else holes
+                gone = removed & ~left if key else None
+                filled = moved(plain, gone, cls, 0) if key else plain
+                filled = moved(filled, left & background, 0, cls)
             done[key] = after, filled
         out[(area, False)], out[(area, True)] = done[key]
     return out

@@ -89,6 +89,17 @@ def test_each_tuning_candidate_counts_what_applying_it_gives():
                     )
         assert any(not np.array_equal(m, plain) for m in outcomes.values())
     assert _outcomes(np.zeros((8, 8), np.uint8), np.zeros((8, 8)), 1, plain, 255) == {}  # class absent
+    pred = np.zeros((32, 32), np.uint8)  # class 1 without a hole: blocks and specks (some on the border)
+    pred[3:12, 3:12], pred[20:30, 0:9], pred[15, 15], pred[0, 20], pred[31, 31] = 1, 1, 1, 1, 1
+    pred[2:6, 20:24] = 2
+    target = np.where(rng.random(pred.shape) < 0.8, pred, rng.integers(0, 3, pred.shape))
+    plain = confusion(pred, target, 3, 255)
+    outcomes = _outcomes(pred, target, 1, plain, 255)
+    for area in AREAS:
+        for holes in (False, True):
+            pp = PostProcess(names, min_area={"a": area}, fill_holes={"a": holes})
+            np.testing.assert_array_equal(outcomes[(area, holes)], confusion(pp(pred), target, 3, 255))
+    assert not np.array_equal(outcomes[(AREAS[-1], True)], plain)  # the specks removed
 
 
 def test_postprocess_operations_ignore_settings_that_do_nothing():
