@@ -36,13 +36,11 @@ class OofSample:
     weight: np.ndarray  # [N] float64: how many pixels of its image and class each one stands for
     fold: np.ndarray  # [N] int64, sorted: the fold the pixel's image is out-of-fold in
     num_classes: int
+    agree: np.ndarray  # [N] bool: every run's argmax is the same class there
+    label: np.ndarray  # [N]: run 0's argmax class, everyone's where they agree
     workers: int = 1  # threads that score it (vote_counts, column_counts): those that read its runs
-    agree: np.ndarray | None = None  # [N] bool: every run's argmax is the same class there (made if None)
-    label: np.ndarray | None = None  # [N]: run 0's argmax class, everyone's where they agree (made if None)
 
     def __post_init__(self) -> None:
-        if self.agree is None or self.label is None:
-            self.agree, self.label = _agreement(self.probs)
         self.bounds: dict[int, tuple[int, int, int]] = {}  # fold -> (start, first disagreeing pixel, stop)
         for fold in np.unique(self.fold).tolist():
             start, stop = np.searchsorted(self.fold, [fold, fold + 1])
@@ -125,9 +123,9 @@ def sample_oof(oof: OofRuns, per_image: int = 2048, seed: int = 0) -> OofSample:
         np.concatenate([p[2] for p in parts])[order],
         fold[order],
         classes,
-        oof.workers,
         agree[order],
         label[order],
+        oof.workers,
     )
 
 
@@ -148,13 +146,11 @@ def _confusions(target: np.ndarray, pred: np.ndarray, weight: np.ndarray, classe
     return np.bincount(cell.ravel(), np.broadcast_to(weight, pred.shape).ravel(), len(pred) * classes**2)
 
 
-def vote_counts(
-    sample: OofSample, weights: np.ndarray, chunk: int = 1 << 22, workers: int | None = None
-) -> dict[int, np.ndarray]:
+def vote_counts(sample: OofSample, weights: np.ndarray, chunk: int = 1 << 22) -> dict[int, np.ndarray]:
     """Per fold, the weighted confusion matrices ``[G, C, C]`` of the soft votes of ``weights`` (``[G, R]``
     per run, or ``[G, R, C]`` per run and class) on the sample, rounded to whole pixels. Pixels are scored
-    in chunks of about ``chunk`` vote values (memory stays bounded whatever the grid size) on ``workers``
-    threads (default: the sample's), merged in order (the counts of one thread)."""
+    in chunks of about ``chunk`` vote values (memory stays bounded whatever the grid size) on the sample's
+    threads, merged in order (the counts of one thread)."""
     w = np.asarray(weights, dtype=np.float32)
     grid, classes = len(w), sample.num_classes
 
@@ -164,7 +160,7 @@ def vote_counts(
 
     step = max(1, chunk // max(1, grid * classes))
     per_run = w.ndim == 2  # where every run's argmax agrees, so does every convex combination's: counted once
-    counts = _per_fold(sample, sample.parts(step, disagreeing=per_run), count, workers, grid)
+    counts = _per_fold(sample, sample.parts(step, disagreeing=per_run), count, grid)
     if per_run:
         for fold in counts:
             counts[fold] += np.tile(sample.agreed(fold), grid)
@@ -185,17 +181,12 @@ def _voted(w: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def _per_fold(
-    sample: OofSample,
-    parts: list[tuple[int, slice]],
-    count: Callable[[slice], np.ndarray],
-    workers: int | None,
-    size: int,
+    sample: OofSample, parts: list[tuple[int, slice]], count: Callable[[slice], np.ndarray], size: int
 ) -> dict[int, np.ndarray]:
-    """``count(pixels)`` of every part (``OofSample.parts``) on ``workers`` threads (default: the sample's),
-    summed per fold in order: flat ``[size * C * C]`` per fold."""
+    """``count(pixels)`` of every part (``OofSample.parts``) on the sample's threads, summed per fold in
+    order: flat ``[size * C * C]`` per fold."""
     totals = {fold: np.zeros(size * sample.num_classes**2) for fold in sample.folds}
-    threads = sample.workers if workers is None else workers
-    # the parts' small matrix products run on our threads: BLAS threads of their own would oversubscribe
+    threads = sample.workers  # the parts' small matrix products: BLAS threads of their own oversubscribe
     with threadpool_limits(1, user_api="blas") if threads > 1 else contextlib.nullcontext():
         for (fold, _), counts in zip(parts, read_ahead(count, [part for _, part in parts], threads)):
             totals[fold] += counts
@@ -207,7 +198,6 @@ def column_counts(
     base: np.ndarray,
     candidates: list[tuple[int, np.ndarray]],
     chunk: int = 1 << 22,
-    workers: int | None = None,
 ) -> dict[int, np.ndarray]:
     """Per fold, confusion matrices ``[K, C, C]``: for candidate ``(c, column)``, the soft vote of the
     per-run-and-class weights ``base`` ``[R, C]`` with class ``c``'s column replaced by ``column`` (the
@@ -237,5 +227,5 @@ def column_counts(
             pred[rows] = np.where((alt > best) | ((alt == best) & (c < which)), c, which[None, :])
         return _confusions(target, pred, weight, classes)
 
-    counts = _per_fold(sample, sample.parts(max(1, chunk // max(1, size))), count, workers, size)
+    counts = _per_fold(sample, sample.parts(max(1, chunk // max(1, size))), count, size)
     return {f: np.rint(c).astype(np.int64).reshape(size, classes, classes) for f, c in counts.items()}

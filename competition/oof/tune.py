@@ -61,21 +61,24 @@ def _outcomes(
         counts[:, new] += n
         return counts
 
+    def settled(small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The counts after removing the components ``small``: without, then with hole filling."""
+        if not small.any():  # the holes of the class as it is
+            return plain, plain if background is None else moved(plain, holes & background, 0, cls)
+        removed = small[labels]
+        after = moved(plain, removed, cls, 0)
+        if background is None:
+            return after, after
+        left = enclosed(binary & ~removed)  # holes of what is left; a removed pixel filled back is unchanged
+        return after, moved(moved(plain, removed & ~left, cls, 0), left & background, 0, cls)
+
     for area in AREAS:
         min_pixels = int(round(area * pred.size))
         small = areas < min_pixels if min_pixels > 1 else np.zeros(len(areas), bool)
         small[0] = False  # label 0 is everything that is not the class
         key = tuple(np.flatnonzero(small))
         if key not in done:
-            removed = small[labels] if key else None
-            after = moved(plain, removed, cls, 0) if key else plain
-            filled = after
-            if background is not None:  # holes of what is left; only background pixels are filled
-                left = enclosed(binary & ~removed) if key else holes
-                gone = removed & ~left if key else None
-                filled = moved(plain, gone, cls, 0) if key else plain
-                filled = moved(filled, left & background, 0, cls)
-            done[key] = after, filled
+            done[key] = settled(small)
         out[(area, False)], out[(area, True)] = done[key]
     return out
 
