@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
 from smp_unet3p._names import did_you_mean
 
@@ -223,6 +223,9 @@ class LossConfig(_Section):
     side_weight: float = Field(default=1.0, ge=0.0)
     cgm_weight: float = Field(default=0.4, ge=0.0)
     ignore_index: int = 255
+    # one weight per class (data.classes order) on the per-pixel cross-entropy / focal term; the
+    # ``median_frequency_weight`` column of ``competition prepare``'s class_stats.csv is one choice
+    class_weights: list[PositiveFloat] | None = None
 
     @field_validator("name")
     @classmethod
@@ -232,6 +235,14 @@ class LossConfig(_Section):
         if value.lower() not in available_losses():
             raise ValueError(f"unknown loss {value!r}.{did_you_mean(value, available_losses())}")
         return value
+
+    @model_validator(mode="after")
+    def _weights_fit_loss(self) -> LossConfig:
+        from smp_unet3p.losses import get_loss
+
+        if self.class_weights is not None:  # the loss says whether it has a term to weigh
+            get_loss(self.name, max(len(self.class_weights), 2), self.ignore_index, self.class_weights)
+        return self
 
 
 class OptimizerConfig(_Section):

@@ -18,18 +18,31 @@ from .coco import MaskCache  # noqa: E402
 
 
 def class_statistics(index: pd.DataFrame, class_names: tuple[str, ...]) -> pd.DataFrame:
-    """Per class: images containing it, pixels, pixel share (of labelled pixels)."""
-    pixels = np.array([index[f"px_{c}"].sum() for c in range(len(class_names))], np.int64)
-    images = np.array([(index[f"px_{c}"] > 0).sum() for c in range(len(class_names))], np.int64)
+    """Per class: images containing it, pixels, pixel share (of labelled pixels) and its median-frequency
+    weight (``median_frequency_weights``; a value for ``loss.class_weights``)."""
+    counts = np.array([index[f"px_{c}"].to_numpy() for c in range(len(class_names))], np.int64)  # [C, N]
+    pixels = counts.sum(1)
     return pd.DataFrame(
         {
             "class_id": range(len(class_names)),
             "class_name": class_names,
-            "images": images,
+            "images": (counts > 0).sum(1),
             "pixels": pixels,
             "pixel_share": pixels / max(int(pixels.sum()), 1),
+            "median_frequency_weight": median_frequency_weights(counts),
         }
     )
+
+
+def median_frequency_weights(counts: np.ndarray) -> np.ndarray:
+    """Median-frequency balancing (Eigen & Fergus, 2015; SegNet): ``w_c = median(f) / f_c``, where ``f_c``
+    is class c's pixels over the labelled pixels of the images that contain it. ``counts``: pixels per class
+    (rows) and image (columns). A class in no image gets NaN (no weight to give)."""
+    counts = np.asarray(counts, np.float64)
+    present = counts > 0
+    pixels_of_images = np.where(present, counts.sum(0, keepdims=True), 0.0).sum(1)
+    freq = np.divide(counts.sum(1), pixels_of_images, out=np.full(len(counts), np.nan), where=present.any(1))
+    return np.nanmedian(freq) / freq if np.isfinite(freq).any() else freq
 
 
 def plot_statistics(stats: pd.DataFrame, path: str | os.PathLike) -> None:

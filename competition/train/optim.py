@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from smp_unet3p.losses import DeepSupervisionLoss, get_loss
 
-from ..core.config import Config
+from ..core.config import Config, ConfigError
 
 
-def build_criterion(cfg: Config, classes: int) -> DeepSupervisionLoss:
+def class_weights(cfg: Config, names: Sequence[str]) -> list[float] | None:
+    """``loss.class_weights`` checked against the classes it weighs: one per class, in ``names`` order (a
+    one-class, binary model: background then the class)."""
+    weights = cfg.loss.class_weights
+    expected = max(len(names), 2)
+    if weights is not None and len(weights) != expected:
+        which = f"background, {names[0]}" if len(names) == 1 else ", ".join(names)
+        raise ConfigError(
+            f"loss.class_weights has {len(weights)} entries but the model predicts {expected} classes "
+            f"({which}): give one weight per class, in that order"
+        )
+    return weights
+
+
+def build_criterion(cfg: Config, names: Sequence[str]) -> DeepSupervisionLoss:
     """The configured loss on every output the model gives (main, side outputs, CGM presence)."""
+    classes = len(names)
     return DeepSupervisionLoss(
-        get_loss(cfg.loss.name, classes, cfg.loss.ignore_index),
+        get_loss(cfg.loss.name, classes, cfg.loss.ignore_index, class_weights(cfg, names)),
         classes,
         side_weights=cfg.loss.side_weight,
         cgm_weight=cfg.loss.cgm_weight,

@@ -13,6 +13,7 @@ from ..core.runtime import build_model, main_logits, resolve_device
 from ..data import images
 from ..data.classes import ClassMap, class_names
 from ..data.splits import data_files, paste_classes
+from .optim import class_weights
 
 
 class PreflightError(ConfigError):
@@ -67,9 +68,10 @@ def check_model(cfg: Config, image_shape: tuple[int, int]) -> float:
 
 
 def preflight(cfg: Config) -> float:
-    """The class names the config gives, ``check_images`` then ``check_model``; returns a guess of one
-    epoch's seconds (every image through a training step), which ``train.time_limit`` budgets for the first
-    epoch before one has run."""
+    """The class names the config gives (and a class weight for each), ``check_images`` then
+    ``check_model``; returns a guess of one epoch's seconds (every image through a training step), which
+    ``train.time_limit`` budgets for the first epoch before one has run."""
+    class_weights(cfg, class_names(cfg))
     if cfg.augment.copy_paste:
         names = ClassMap(tuple(class_names(cfg)), {}, cfg.data.background_index() is not None)
         paste_classes(cfg.augment.copy_paste_classes, names)

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from segmentation_models_pytorch.losses import DiceLoss, FocalLoss, JaccardLoss, LovaszLoss, TverskyLoss
 from torch import nn
@@ -18,18 +18,20 @@ from .hybrid import DiceCELoss, Unet3PlusHybridLoss, WeightedSum
 from .msssim import MSSSIMLoss
 from .weight_map import WeightedCrossEntropyLoss, class_balance_weights, unet_weight_map
 
-_FACTORIES: dict[str, Callable[[int, int | None], nn.Module]] = {
-    "ce": lambda c, ig: CrossEntropyLoss(ig),
-    "dice": lambda c, ig: DiceLoss(loss_mode(c), from_logits=True, ignore_index=ig),
-    "jaccard": lambda c, ig: JaccardLoss(loss_mode(c), from_logits=True, ignore_index=ig),
-    "focal": lambda c, ig: SoftmaxFocalLoss(ignore_index=ig),
-    "focal_sigmoid": lambda c, ig: FocalLoss(loss_mode(c), ignore_index=ig),
-    "lovasz": lambda c, ig: LovaszLoss(loss_mode(c), ignore_index=ig),
-    "tversky": lambda c, ig: TverskyLoss(loss_mode(c), from_logits=True, ignore_index=ig),
-    "msssim": lambda c, ig: MSSSIMLoss(ig),
-    "dice_ce": lambda c, ig: DiceCELoss(c, ig),
-    "unet3plus_hybrid": lambda c, ig: Unet3PlusHybridLoss(c, ig),
+_Factory = Callable[[int, "int | None", "Sequence[float] | None"], nn.Module]
+_FACTORIES: dict[str, _Factory] = {
+    "ce": lambda c, ig, w: CrossEntropyLoss(ig, w),
+    "dice": lambda c, ig, w: DiceLoss(loss_mode(c), from_logits=True, ignore_index=ig),
+    "jaccard": lambda c, ig, w: JaccardLoss(loss_mode(c), from_logits=True, ignore_index=ig),
+    "focal": lambda c, ig, w: SoftmaxFocalLoss(ignore_index=ig, class_weights=w),
+    "focal_sigmoid": lambda c, ig, w: FocalLoss(loss_mode(c), ignore_index=ig),
+    "lovasz": lambda c, ig, w: LovaszLoss(loss_mode(c), ignore_index=ig),
+    "tversky": lambda c, ig, w: TverskyLoss(loss_mode(c), from_logits=True, ignore_index=ig),
+    "msssim": lambda c, ig, w: MSSSIMLoss(ig),
+    "dice_ce": lambda c, ig, w: DiceCELoss(c, ig, class_weights=w),
+    "unet3plus_hybrid": lambda c, ig, w: Unet3PlusHybridLoss(c, ig, class_weights=w),
 }
+_WEIGHTED = ("ce", "focal", "dice_ce", "unet3plus_hybrid")  # the losses with a per-pixel (cross-entropy) term
 _ALIASES = {"iou": "jaccard", "hybrid": "unet3plus_hybrid", "unetpp_hybrid": "dice_ce", "cross_entropy": "ce"}
 
 
@@ -38,13 +40,30 @@ def available_losses() -> list[str]:
     return sorted([*_FACTORIES, *_ALIASES])
 
 
-def get_loss(name: str, classes: int, ignore_index: int | None = 255) -> nn.Module:
-    """Segmentation loss by name for a model with ``classes`` output channels."""
+def get_loss(
+    name: str, classes: int, ignore_index: int | None = 255, class_weights: Sequence[float] | None = None
+) -> nn.Module:
+    """Segmentation loss by name for a model with ``classes`` output channels.
+
+    ``class_weights`` (one per class; ``classes == 1``: background, foreground) weigh the per-pixel
+    cross-entropy / focal term of ``ce``, ``focal``, ``dice_ce`` and ``unet3plus_hybrid``.
+    """
     key = _ALIASES.get(name.lower(), name.lower())
     if key not in _FACTORIES:
         hint = did_you_mean(name, available_losses())
         raise ValueError(f"Unknown loss {name!r}.{hint} Available: {', '.join(available_losses())}")
-    return _FACTORIES[key](classes, ignore_index)
+    if class_weights is not None:
+        if key not in _WEIGHTED:
+            raise ValueError(
+                f"loss {name!r} has no per-pixel term to weigh by class; class weights work with "
+                f"{', '.join(_WEIGHTED)}"
+            )
+        if len(class_weights) != max(classes, 2):
+            raise ValueError(
+                f"{len(class_weights)} class weights for a model with {classes} output channel(s); give "
+                f"{max(classes, 2)}, one per class"
+            )
+    return _FACTORIES[key](classes, ignore_index, class_weights)
 
 
 __all__ = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,11 +34,34 @@ def probs_and_onehot(
 
 
 class CrossEntropyLoss(nn.Module):
-    """Cross-entropy for ``C > 1`` (index target) and binary cross-entropy for ``C == 1``, with ignore."""
+    """Cross-entropy for ``C > 1`` (index target) and binary cross-entropy for ``C == 1``, with ignore.
 
-    def __init__(self, ignore_index: int | None = 255):
+    ``class_weights``: one weight per class index (``C == 1``: background, foreground); each pixel's loss is
+    scaled by its target's weight and the mean is taken over the weights (torch's weighted mean), so equal
+    weights give the plain loss.
+    """
+
+    def __init__(self, ignore_index: int | None = 255, class_weights: Sequence[float] | None = None):
         super().__init__()
         self.ignore_index = ignore_index
+        weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        if weights is not None and (weights.ndim != 1 or len(weights) == 0 or not bool((weights > 0).all())):
+            raise ValueError(
+                f"class_weights must be positive numbers, one per class; got {list(class_weights)}"
+            )
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    def pixel_weights(self, target: torch.Tensor, valid: torch.Tensor, classes: int) -> torch.Tensor:
+        """Each pixel's weight ``[B, H, W]``: its class's weight (1 without weights), 0 where ignored."""
+        if self.class_weights is None:
+            return valid.float()
+        expected = max(classes, 2)
+        if len(self.class_weights) != expected:
+            raise ValueError(
+                f"class_weights has {len(self.class_weights)} entries but the model has {classes} output "
+                f"channel(s): give {expected} (one per class{', background first' if classes == 1 else ''})"
+            )
+        return self.class_weights[torch.where(valid, target, 0).long()] * valid
 
     def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel loss ``[B, H, W]`` and valid mask (ignored pixels have loss 0)."""
@@ -54,9 +79,18 @@ class CrossEntropyLoss(nn.Module):
             loss = F.cross_entropy(logits, torch.where(valid, target, 0).long(), reduction="none")
         return loss * valid, valid
 
+    def reduce(
+        self, loss: torch.Tensor, valid: torch.Tensor, target: torch.Tensor, classes: int
+    ) -> torch.Tensor:
+        """Mean of a per-pixel loss over the valid pixels, weighted by class when weights are set."""
+        if self.class_weights is None:
+            return loss.sum() / valid.sum().clamp_min(1)
+        weights = self.pixel_weights(target.reshape(valid.shape), valid, classes)
+        return (loss * weights).sum() / weights.sum().clamp_min(1e-12)
+
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         loss, valid = self.pixel_loss(logits, target)
-        return loss.sum() / valid.sum().clamp_min(1)
+        return self.reduce(loss, valid, target, logits.shape[1])
 
 
 class SoftmaxFocalLoss(CrossEntropyLoss):
@@ -66,11 +100,13 @@ class SoftmaxFocalLoss(CrossEntropyLoss):
     a perfect softmax prediction; this one matches the softmax models that UNet 3+ trains.
     """
 
-    def __init__(self, gamma: float = 2.0, ignore_index: int | None = 255):
-        super().__init__(ignore_index)
+    def __init__(
+        self, gamma: float = 2.0, ignore_index: int | None = 255, class_weights: Sequence[float] | None = None
+    ):
+        super().__init__(ignore_index, class_weights)
         self.gamma = gamma
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ce, valid = self.pixel_loss(logits, target)
         focal = (1.0 - torch.exp(-ce)).pow(self.gamma) * ce
-        return focal.sum() / valid.sum().clamp_min(1)
+        return self.reduce(focal, valid, target, logits.shape[1])

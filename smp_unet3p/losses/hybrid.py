@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from segmentation_models_pytorch.losses import DiceLoss, JaccardLoss
 from torch import nn
@@ -35,12 +37,18 @@ class WeightedSum(nn.Module):
 
 
 class DiceCELoss(WeightedSum):
-    """UNet++ hybrid: cross-entropy + soft Dice."""
+    """UNet++ hybrid: cross-entropy (``class_weights`` weigh it; see ``CrossEntropyLoss``) + soft Dice."""
 
-    def __init__(self, classes: int, ignore_index: int | None = 255, weights: dict[str, float] | None = None):
+    def __init__(
+        self,
+        classes: int,
+        ignore_index: int | None = 255,
+        weights: dict[str, float] | None = None,
+        class_weights: Sequence[float] | None = None,
+    ):
         super().__init__(
             {
-                "ce": CrossEntropyLoss(ignore_index),
+                "ce": CrossEntropyLoss(ignore_index, class_weights),
                 "dice": DiceLoss(loss_mode(classes), from_logits=True, ignore_index=ignore_index),
             },
             weights,
@@ -48,12 +56,18 @@ class DiceCELoss(WeightedSum):
 
 
 class Unet3PlusHybridLoss(WeightedSum):
-    """UNet 3+ hybrid: focal (pixel) + MS-SSIM (patch) + IoU (map) losses."""
+    """UNet 3+ hybrid: focal (pixel; ``class_weights`` weigh it) + MS-SSIM (patch) + IoU (map) losses."""
 
-    def __init__(self, classes: int, ignore_index: int | None = 255, weights: dict[str, float] | None = None):
+    def __init__(
+        self,
+        classes: int,
+        ignore_index: int | None = 255,
+        weights: dict[str, float] | None = None,
+        class_weights: Sequence[float] | None = None,
+    ):
         super().__init__(
             {
-                "focal": SoftmaxFocalLoss(ignore_index=ignore_index),
+                "focal": SoftmaxFocalLoss(ignore_index=ignore_index, class_weights=class_weights),
                 "msssim": MSSSIMLoss(ignore_index),
                 "iou": JaccardLoss(loss_mode(classes), from_logits=True, ignore_index=ignore_index),
             },

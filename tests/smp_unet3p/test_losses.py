@@ -10,6 +10,7 @@ from smp_unet3p.losses import (
     DiceCELoss,
     DiceLoss,
     MSSSIMLoss,
+    SoftmaxFocalLoss,
     Unet3PlusHybridLoss,
     WeightedCrossEntropyLoss,
     get_loss,
@@ -147,3 +148,36 @@ def test_softmax_focal_by_hand():
     expected = (1 - 0.75) ** 2 * -math.log(0.75)
     assert SoftmaxFocalLoss(gamma=2.0)(logits, target).item() == pytest.approx(expected)
     assert SoftmaxFocalLoss(gamma=0.0)(logits, target).item() == pytest.approx(-math.log(0.75))
+
+
+def test_class_weighted_cross_entropy_and_focal_by_hand():
+    # pixel 1: class 1 at p 0.75; pixel 2: class 0 at p 0.25; pixel 3: ignored
+    logits = torch.tensor([[0.0, 0.0, 5.0], [math.log(3.0), math.log(3.0), 0.0]]).view(1, 2, 1, 3)
+    target = torch.tensor([[[1, 0, 255]]])
+    ce1, ce2 = -math.log(0.75), -math.log(0.25)
+    weighted = CrossEntropyLoss(class_weights=[1.0, 3.0])(logits, target).item()
+    assert weighted == pytest.approx((3 * ce1 + 1 * ce2) / 4)
+    ref = torch.nn.functional.cross_entropy(logits, target, torch.tensor([1.0, 3.0]), ignore_index=255)
+    assert weighted == pytest.approx(ref.item())
+    assert CrossEntropyLoss(class_weights=[2.0, 2.0])(logits, target).item() == pytest.approx((ce1 + ce2) / 2)
+    focal = SoftmaxFocalLoss(gamma=2.0, class_weights=[1.0, 3.0])(logits, target).item()
+    assert focal == pytest.approx((3 * 0.25**2 * ce1 + 0.75**2 * ce2) / 4)
+    binary = torch.tensor([[[[0.0, math.log(3.0)]]]])  # foreground p 0.5 (target 1) and 0.75 (target 0)
+    binary_loss = CrossEntropyLoss(class_weights=[1.0, 5.0])(binary, torch.tensor([[[1, 0]]])).item()
+    assert binary_loss == pytest.approx((5 * math.log(2.0) + 1 * -math.log(0.25)) / 6)
+
+
+def test_class_weights_reach_the_pixel_terms_of_the_hybrids_and_are_refused_elsewhere():
+    target = torch.tensor([[[0, 1], [2, 2]]])
+    logits = torch.randn(1, 3, 2, 2)
+    for name, term in (("dice_ce", "ce"), ("unet3plus_hybrid", "focal"), ("ce", None), ("focal", None)):
+        loss = get_loss(name, 3, class_weights=[1.0, 2.0, 4.0])
+        weighted = loss.terms[term] if term else loss
+        assert weighted.class_weights.tolist() == [1.0, 2.0, 4.0]
+        assert torch.isfinite(loss(logits, target))
+    with pytest.raises(ValueError, match="loss 'dice' has no per-pixel term to weigh by class"):
+        get_loss("dice", 3, class_weights=[1.0, 2.0, 4.0])
+    with pytest.raises(ValueError, match="2 class weights for a model with 3 output channel"):
+        get_loss("dice_ce", 3, class_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="positive numbers"):
+        CrossEntropyLoss(class_weights=[1.0, 0.0])

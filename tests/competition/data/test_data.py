@@ -2,6 +2,7 @@ import json
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.model_selection import KFold
 
@@ -295,3 +296,18 @@ def test_duplicate_category_id_is_fatal_and_duplicate_annotation_id_warns(tmp_pa
     with pytest.warns(UserWarning, match="duplicate annotation id"):
         coco = load_coco(write_coco(tmp_path, annotations=[ann(7, 0, SQUARE), ann(7, 0, SQUARE)]))
     assert len(coco.annotations[1]) == 2  # both kept (TACO has such pairs on different, valid annotations)
+
+
+def test_median_frequency_weights_by_hand():
+    from competition.data.stats import class_statistics, median_frequency_weights
+
+    # pixels per class (rows) and image (columns): image 0 has 40 labelled pixels, image 1 has 60
+    counts = np.array([[10, 0], [30, 60], [0, 0]])
+    f0, f1 = 10 / 40, 90 / 100  # class 0 only in image 0; class 1 in both; class 2 in none
+    median = (f0 + f1) / 2
+    weights = median_frequency_weights(counts)
+    assert weights[:2] == pytest.approx([median / f0, median / f1]) and np.isnan(weights[2])
+    index = pd.DataFrame({"px_0": counts[0], "px_1": counts[1], "px_2": counts[2]})
+    stats = class_statistics(index, ("a", "b", "c"))
+    assert stats["median_frequency_weight"].iloc[:2].tolist() == pytest.approx(weights[:2].tolist())
+    assert stats["pixels"].tolist() == [10, 90, 0] and stats["images"].tolist() == [1, 2, 0]
