@@ -47,7 +47,7 @@ def _outcomes(
     holes = enclosed(binary)
     background = pred == 0 if holes.any() else None  # no hole: removing components cannot make one
     out: dict[tuple[float, bool], np.ndarray] = {}
-    done: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}  # by the components removed
+    done: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # by the components removed
 
     def moved(counts: np.ndarray, pixels: np.ndarray, old: int, new: int) -> np.ndarray:
         """``counts`` with the predictions at ``pixels`` (a mask) changed from ``old`` to ``new``."""
@@ -76,7 +76,7 @@ def _outcomes(
         min_pixels = int(round(area * pred.size))
         small = areas < min_pixels if min_pixels > 1 else np.zeros(len(areas), bool)
         small[0] = False  # label 0 is everything that is not the class
-        key = tuple(np.flatnonzero(small))
+        key = small.tobytes()
         if key not in done:
             done[key] = settled(small)
         out[(area, False)], out[(area, True)] = done[key]

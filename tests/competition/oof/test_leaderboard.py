@@ -100,6 +100,17 @@ def test_each_tuning_candidate_counts_what_applying_it_gives():
             pp = PostProcess(names, min_area={"a": area}, fill_holes={"a": holes})
             np.testing.assert_array_equal(outcomes[(area, holes)], confusion(pp(pred), target, 3, 255))
     assert not np.array_equal(outcomes[(AREAS[-1], True)], plain)  # the specks removed
+    pred = np.zeros((48, 48), np.uint8)  # a ring of class 1 around class 2 and a speck of class 1, no
+    pred[4:30, 4:30], pred[8:26, 8:26], pred[16, 16] = 1, 2, 1  # background inside: filling puts the speck
+    pred[rng.random(pred.shape) < 0.02] = 1  # back once it is removed; diagonal specks: 4-pieces
+    target = np.where(rng.random(pred.shape) < 0.8, pred, rng.integers(0, 3, pred.shape))
+    plain = confusion(pred, target, 3, 255)
+    outcomes = _outcomes(pred, target, 1, plain, 255)
+    for area in AREAS:
+        for holes in (False, True):
+            pp = PostProcess(names, min_area={"a": area}, fill_holes={"a": holes})
+            np.testing.assert_array_equal(outcomes[(area, holes)], confusion(pp(pred), target, 3, 255))
+    assert not np.array_equal(outcomes[(AREAS[-1], True)], outcomes[(AREAS[-1], False)])
 
 
 def test_postprocess_operations_ignore_settings_that_do_nothing():
