@@ -88,6 +88,16 @@ def fabricate(
     return dirs
 
 
+def _fabricate_in(processes: int, root: Path, args: argparse.Namespace) -> list[Path]:
+    """``fabricate`` every run, the runs shared among ``processes`` processes (each run draws from its own
+    seed, so the files are the same whatever the count)."""
+    shares = [list(range(args.runs))[i::processes] for i in range(max(1, processes))]
+    common = (root, args.images, args.runs, args.folds, args.size, args.classes)
+    with multiprocessing.get_context("fork").Pool(len(shares)) as pool:
+        made = pool.starmap(fabricate, [(*common, 0, share, args.dtype) for share in shares if share])
+    return sorted(p for paths in made for p in paths)
+
+
 def _records(fold_dir: Path) -> None:
     """A one-epoch ``metrics.csv`` with the columns the report plots, and the best epoch in ``best.json``."""
     (fold_dir / "metrics.csv").write_text("epoch,train_loss,val_loss,miou,lr\n1,0.9,0.8,0.5,0.001\n")
@@ -201,6 +211,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/oof_scale"))
     parser.add_argument("--keep", action="store_true", help="reuse fabricated files of the same shape")
     parser.add_argument("--use-runs", type=int, default=None, help="time the tools on the first N runs only")
+    parser.add_argument("--make-workers", type=int, default=1, help="processes fabricating the runs' files")
     args = parser.parse_args()
 
     shape = f"{args.images}x{args.runs}x{args.folds}x{args.size}x{args.classes}_{args.dtype}"
@@ -208,7 +219,7 @@ def main() -> None:
     started = time.perf_counter()
     if not (args.keep and root.is_dir()):
         shutil.rmtree(root, ignore_errors=True)
-        runs = fabricate(root, args.images, args.runs, args.folds, args.size, args.classes, dtype=args.dtype)
+        runs = _fabricate_in(args.make_workers, root, args)
     else:
         runs = sorted(p for p in root.glob("run*") if p.is_dir())
         for fold_dir in root.glob("run*/fold*"):
