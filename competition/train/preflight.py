@@ -67,13 +67,18 @@ def check_model(cfg: Config, image_shape: tuple[int, int]) -> float:
         ) from None
 
 
-def preflight(cfg: Config) -> float:
-    """The class names the config gives (and a class weight for each), ``check_images`` then
-    ``check_model``; returns a guess of one epoch's seconds (every image through a training step), which
-    ``train.time_limit`` budgets for the first epoch before one has run."""
+def check_data(cfg: Config) -> tuple[int, tuple[int, int]]:
+    """The class names the config gives (and a class weight for each), then ``check_images``: what every run
+    of this data needs, whichever model it trains (``competition sweep`` checks it before any trial)."""
     class_weights(cfg, class_names(cfg))
     if cfg.augment.copy_paste:
         names = ClassMap(tuple(class_names(cfg)), {}, cfg.data.background_index() is not None)
         paste_classes(cfg.augment.copy_paste_classes, names)
-    count, shape = check_images(cfg)
+    return check_images(cfg)
+
+
+def preflight(cfg: Config) -> float:
+    """``check_data`` then ``check_model``; returns a guess of one epoch's seconds (every image through a
+    training step), which ``train.time_limit`` budgets for the first epoch before one has run."""
+    count, shape = check_data(cfg)
     return count * check_model(cfg, shape)

@@ -40,6 +40,7 @@ from ..core.config_file import config_from_dict, load_config
 from ..core.io import atomic_write_text
 from ..data.splits import parse_folds
 from .loop import train_fold
+from .preflight import check_data
 from .resume import record_folds
 
 STUDY_DB = "study.db"  # the default storage: a SQLite file in the study's runs folder
@@ -229,6 +230,7 @@ def sweep(
     base = load_config(config, overrides)
     params = read_space(space)
     check_space(base, params)
+    check_data(base)  # a wrong data root fails here, not in every trial (a trial's model is its own check)
     runs = base.output_dir / study
     folds = parse_folds(fold, base.data.folds)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # our own line per trial says what happened

@@ -39,6 +39,10 @@ def test_the_space_is_checked_before_any_trial(synthetic_data, tmp_path):
     assert not (tmp_path / "runs" / "typo").exists()
     with pytest.raises(ConfigError, match="either values"):
         read_space(_space(tmp_path, "optimizer.lr: {values: [1], low: 1}\n"))
+    fine = _space(tmp_path, "optimizer.lr: {low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    with pytest.raises(ConfigError, match=r"data\.root"):  # the data is checked once, not failed per trial
+        sweep(base, fine, "nodata", trials=1, overrides=[f"data.root={tmp_path / 'nowhere'}"])
+    assert not (tmp_path / "runs" / "nodata").exists()
 
 
 def test_trials_are_runs_a_failed_one_is_recorded_and_the_best_config_trains(synthetic_data, tmp_path):
