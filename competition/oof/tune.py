@@ -11,6 +11,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -19,7 +20,7 @@ from ..core.metrics import confusion, miou_of
 from ..predictions import provenance
 from ..predictions.crf import CrfSettings, dense_crf
 from ..predictions.oof import ImageMaps, OofRuns, opened
-from ..predictions.postprocess import PostProcess, components, enclosed
+from ..predictions.postprocess import PostProcess, enclosed
 from ..predictions.voting import combine
 from .nested import FoldTable, nested_folds
 
@@ -31,29 +32,49 @@ def _candidates(classes: int) -> list[tuple[int, float, bool]]:
     return [(c, a, h) for c in range(1, classes) for h in (False, True) for a in AREAS]
 
 
+def target_bins(target: np.ndarray, classes: int, ignore_index: int | None) -> np.ndarray:
+    """Each pixel's target class as an index, ``classes`` (a spare bin) where ``confusion`` does not count
+    it (ignored or out of range)."""
+    bins = target.astype(np.intp).reshape(-1)
+    keep = (bins >= 0) & (bins < classes)
+    if ignore_index is not None:
+        keep &= bins != ignore_index
+    bins[~keep] = classes
+    return bins
+
+
 def _outcomes(
-    pred: np.ndarray, target: np.ndarray, cls: int, plain: np.ndarray, ignore_index: int | None
+    pred: np.ndarray,
+    target: np.ndarray,
+    cls: int,
+    plain: np.ndarray,
+    ignore_index: int | None,
+    bins: np.ndarray | None = None,
 ) -> dict[tuple[float, bool], np.ndarray]:
     """Confusion counts of ``pred`` after each ``(min_area, fill_holes)`` setting of class ``cls`` (as
-    ``PostProcess`` applies them: small components removed, then holes filled). Components are found once;
-    each setting's counts are ``plain``'s with the pixels it changes moved between predicted classes (removed
-    pixels from ``cls`` to background, filled holes from background to ``cls``). Empty when ``cls`` is absent
-    (every setting leaves ``pred`` as it is)."""
+    ``PostProcess`` applies them: small components removed, then holes filled). Empty when ``cls`` is absent
+    (every setting leaves ``pred`` as it is). ``bins``: ``target_bins`` of ``target`` (made when not given).
+
+    Each setting's counts are ``plain``'s with the pixels it changes moved between two predicted classes:
+    removed pixels from ``cls`` to background, filled holes from background to ``cls``. One pass finds the
+    components and counts each one's target classes, so a removal costs no pass over the image; hole filling
+    floods the outside once per distinct removal (none when the class has no hole: then every removed piece
+    touches the outside, and filling changes nothing)."""
     binary = pred == cls
     if not binary.any():
         return {}
     classes = len(plain)
-    labels, areas = components(binary)
-    holes = enclosed(binary)
-    background = pred == 0 if holes.any() else None  # no hole: removing components cannot make one
-    out: dict[tuple[float, bool], np.ndarray] = {}
-    done: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # by the components removed
+    bins = target_bins(target, classes, ignore_index) if bins is None else bins
+    _, labels = cv2.connectedComponents(binary.view(np.uint8), connectivity=8)
+    labels = labels.astype(np.intp)  # see postprocess.components
+    index = labels.reshape(-1) * (classes + 1)
+    index += bins
+    per_label = np.bincount(index, minlength=(labels.max() + 1) * (classes + 1)).reshape(-1, classes + 1)
+    areas, per_label = per_label.sum(1), per_label[:, :classes]  # pixels; counted target classes
+    flat_pred = pred.reshape(-1)
 
-    def moved(counts: np.ndarray, pixels: np.ndarray, old: int, new: int) -> np.ndarray:
-        """``counts`` with the predictions at ``pixels`` (a mask) changed from ``old`` to ``new``."""
-        t = target[pixels]
-        keep = t < classes if ignore_index is None else (t < classes) & (t != ignore_index)
-        n = np.bincount(t[keep], minlength=classes)
+    def moved(counts: np.ndarray, n: np.ndarray, old: int, new: int) -> np.ndarray:
+        """``counts`` with ``n`` pixels (per target class) changed from prediction ``old`` to ``new``."""
         if not n.any():
             return counts
         counts = counts.copy()
@@ -61,24 +82,32 @@ def _outcomes(
         counts[:, new] += n
         return counts
 
-    def settled(small: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The counts after removing the components ``small``: without, then with hole filling."""
-        if not small.any():  # the holes of the class as it is
-            return plain, plain if background is None else moved(plain, holes & background, 0, cls)
-        removed = small[labels]
-        after = moved(plain, removed, cls, 0)
-        if background is None:
-            return after, after
-        left = enclosed(binary & ~removed)  # holes of what is left; a removed pixel filled back is unchanged
-        return after, moved(moved(plain, removed & ~left, cls, 0), left & background, 0, cls)
+    def filled(hole: np.ndarray, small: np.ndarray, after: np.ndarray) -> np.ndarray:
+        """``after`` (the counts once ``small`` is removed) with the holes ``hole`` filled: its background
+        pixels become ``cls``, and removed pixels in it are back to ``cls``."""
+        at = np.flatnonzero(hole)
+        b = bins[at]
+        back = small[labels.reshape(-1)[at]]  # removed pixels inside the holes: filled back
+        counts = moved(after, np.bincount(b[back], minlength=classes + 1)[:classes], 0, cls)
+        return moved(counts, np.bincount(b[flat_pred[at] == 0], minlength=classes + 1)[:classes], 0, cls)
 
+    holes = enclosed(binary)
+    has_holes = bool(holes.any())
+    out: dict[tuple[float, bool], np.ndarray] = {}
+    done: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # by the components removed
     for area in AREAS:
         min_pixels = int(round(area * pred.size))
         small = areas < min_pixels if min_pixels > 1 else np.zeros(len(areas), bool)
         small[0] = False  # label 0 is everything that is not the class
         key = small.tobytes()
         if key not in done:
-            done[key] = settled(small)
+            removes = small.any()
+            after = moved(plain, per_label[small].sum(0), cls, 0) if removes else plain
+            if not has_holes:
+                done[key] = after, after
+            else:  # holes of what is left; a removed pixel filled back is unchanged
+                left = enclosed(binary & ~small[labels]) if removes else holes
+                done[key] = after, filled(left, small, after)
         out[(area, False)], out[(area, True)] = done[key]
     return out
 
@@ -143,12 +172,13 @@ class Tuner:
     def measure(self, key: str, fold: int, probs: ImageMaps, target: np.ndarray) -> tuple:
         """One image's votes and the confusion counts of every candidate setting: reads nothing it changes."""
         classes, preds, counts = self.oof.num_classes, {}, []
+        bins = target_bins(target, classes, self.oof.ignore_index)
         per_class = len(self.candidates) // max(1, classes - 1)
         for k in self.tables:
             pred = preds[k] = combine(probs.stored, self.votes[k]).astype(self.dtype)
             plain = confusion(pred, target, classes, self.oof.ignore_index)
             for c in range(1, classes):
-                outcomes = _outcomes(pred, target, c, plain, self.oof.ignore_index)
+                outcomes = _outcomes(pred, target, c, plain, self.oof.ignore_index, bins)
                 counts += [(k, cand, outcomes.get(cand[1:], plain))
                            for cand in self.candidates[(c - 1) * per_class : c * per_class]]  # fmt: skip
         return fold, counts, target, preds
