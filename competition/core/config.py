@@ -217,14 +217,14 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    """Loss by name (``smp_unet3p.losses.get_loss``); side-output and CGM terms are added when present."""
+    """Loss by name (``smp_unet3p.losses.get_loss``); side-output and CGM terms are added when present.
+    ``class_weights``: one per class (``data.classes`` order) on the per-pixel cross-entropy / focal term
+    (checked at preflight); ``prepare``'s class_stats.csv lists median-frequency weights."""
 
     name: str = "dice_ce"
     side_weight: float = Field(default=1.0, ge=0.0)
     cgm_weight: float = Field(default=0.4, ge=0.0)
     ignore_index: int = 255
-    # one weight per class (data.classes order) on the per-pixel cross-entropy / focal term; the
-    # ``median_frequency_weight`` column of ``competition prepare``'s class_stats.csv is one choice
     class_weights: list[PositiveFloat] | None = None
 
     @field_validator("name")
@@ -235,14 +235,6 @@ class LossConfig(_Section):
         if value.lower() not in available_losses():
             raise ValueError(f"unknown loss {value!r}.{did_you_mean(value, available_losses())}")
         return value
-
-    @model_validator(mode="after")
-    def _weights_fit_loss(self) -> LossConfig:
-        from smp_unet3p.losses import get_loss
-
-        if self.class_weights is not None:  # the loss says whether it has a term to weigh
-            get_loss(self.name, max(len(self.class_weights), 2), self.ignore_index, self.class_weights)
-        return self
 
 
 class OptimizerConfig(_Section):

@@ -110,7 +110,7 @@ class FoldRun:
         self.steps = math.ceil(len(self.train_loader) / cfg.train.accum_steps)  # optimizer steps per epoch
         self.scheduler = build_scheduler(cfg, self.optimizer, self.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
-        self.criterion = build_criterion(cfg, self.names)
+        self.criterion = build_criterion(cfg, len(self.names))
         self.start_epoch, self.best, self.rows = 0, {"miou": -math.inf, "epoch": -1}, []
         self.skips = {"total": 0, "consecutive": 0}
         self.curves = Curves(self.run_dir / "curves.png")

@@ -13,25 +13,30 @@ from smp_unet3p.losses import DeepSupervisionLoss, get_loss
 from ..core.config import Config, ConfigError
 
 
-def class_weights(cfg: Config, names: Sequence[str]) -> list[float] | None:
-    """``loss.class_weights`` checked against the classes it weighs: one per class, in ``names`` order (a
-    one-class, binary model: background then the class)."""
+def class_weights(cfg: Config, classes: int, names: Sequence[str] | None = None) -> list[float] | None:
+    """``loss.class_weights`` checked against the loss (it needs a per-pixel term to weigh) and the classes:
+    one weight per class, in ``names`` order (a one-class, binary model: background, then the class)."""
     weights = cfg.loss.class_weights
-    expected = max(len(names), 2)
-    if weights is not None and len(weights) != expected:
-        which = f"background, {names[0]}" if len(names) == 1 else ", ".join(names)
+    if weights is None:
+        return None
+    expected = max(classes, 2)
+    if len(weights) != expected:
+        which = "" if names is None else f" ({', '.join(['background', *names] if classes == 1 else names)})"
         raise ConfigError(
-            f"loss.class_weights has {len(weights)} entries but the model predicts {expected} classes "
-            f"({which}): give one weight per class, in that order"
+            f"loss.class_weights has {len(weights)} entries but the model predicts {expected} classes"
+            f"{which}: give one weight per class, in that order"
         )
+    try:
+        get_loss(cfg.loss.name, classes, cfg.loss.ignore_index, weights)
+    except ValueError as exc:
+        raise ConfigError(f"loss.class_weights: {exc}") from None
     return weights
 
 
-def build_criterion(cfg: Config, names: Sequence[str]) -> DeepSupervisionLoss:
+def build_criterion(cfg: Config, classes: int) -> DeepSupervisionLoss:
     """The configured loss on every output the model gives (main, side outputs, CGM presence)."""
-    classes = len(names)
     return DeepSupervisionLoss(
-        get_loss(cfg.loss.name, classes, cfg.loss.ignore_index, class_weights(cfg, names)),
+        get_loss(cfg.loss.name, classes, cfg.loss.ignore_index, class_weights(cfg, classes)),
         classes,
         side_weights=cfg.loss.side_weight,
         cgm_weight=cfg.loss.cgm_weight,

@@ -70,10 +70,13 @@ def check_model(cfg: Config, image_shape: tuple[int, int]) -> float:
 def check_data(cfg: Config) -> tuple[int, tuple[int, int]]:
     """The class names the config gives (and a class weight for each), then ``check_images``: what every run
     of this data needs, whichever model it trains (``competition sweep`` checks it before any trial)."""
-    class_weights(cfg, class_names(cfg))
+    names = class_names(cfg)
+    class_weights(cfg, len(names), names)
     if cfg.augment.copy_paste:
-        names = ClassMap(tuple(class_names(cfg)), {}, cfg.data.background_index() is not None)
-        paste_classes(cfg.augment.copy_paste_classes, names)
+        paste_classes(
+            cfg.augment.copy_paste_classes,
+            ClassMap(tuple(names), {}, cfg.data.background_index() is not None),
+        )
     return check_images(cfg)
 
 

@@ -240,13 +240,14 @@ def test_class_weights_are_checked_against_the_loss_and_the_classes():
 
     with pytest.raises(ConfigError, match=r"override loss\.class_weights=.*greater than 0 \(got -2\.0\)"):
         config_from_dict(_raw(), ["loss.class_weights=[1.0, -2.0]"])
-    with pytest.raises(ConfigError, match=r"loss.*'dice' has no per-pixel term to weigh by class"):
-        config_from_dict(_raw(), ["loss.name=dice", "loss.class_weights=[1.0, 2.0]"])
+    dice = config_from_dict(_raw(), ["loss.name=dice", "loss.class_weights=[1.0, 2.0]"])
+    with pytest.raises(ConfigError, match=r"loss\.class_weights: loss 'dice' has no per-pixel term to weigh"):
+        build_criterion(dice, 2)
     cfg = config_from_dict(_raw(), ["loss.class_weights=[1.0, 2.0, 4.0]", "data.classes=[Background,A,B,C]"])
     wrong = r"loss\.class_weights has 3 entries but the model predicts 4 classes \(Background, A, B, C\)"
     with pytest.raises(ConfigError, match=wrong):
         preflight(cfg)  # before any image is read
     with pytest.raises(ConfigError, match=r"predicts 2 classes \(background, cell\)"):
-        class_weights(cfg, ["cell"])
-    criterion = build_criterion(cfg, ["A", "B", "C"])
+        class_weights(cfg, 1, ["cell"])
+    criterion = build_criterion(cfg, 3)
     assert criterion.loss.terms["ce"].class_weights.tolist() == [1.0, 2.0, 4.0]

@@ -119,7 +119,7 @@ def test_resume_refuses_a_changed_config(synthetic_data, tmp_path):
 def test_nan_loss_stops_with_epoch_and_step_and_saves_nothing(synthetic_data, tmp_path, monkeypatch):
     import competition.train.optim as train_module  # where the loss is built (build_criterion)
 
-    def nan_loss(name, classes, ignore_index):
+    def nan_loss(name, classes, ignore_index, class_weights=None):
         return lambda logits, target: logits.sum() * float("nan")
 
     monkeypatch.setattr(train_module, "get_loss", nan_loss)
