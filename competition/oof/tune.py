@@ -11,16 +11,15 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
 from ..core.io import read_ahead
-from ..core.metrics import confusion, miou_of
+from ..core.metrics import confusion, miou_of, target_bins
 from ..predictions import provenance
 from ..predictions.crf import CrfSettings, dense_crf
 from ..predictions.oof import ImageMaps, OofRuns, opened
-from ..predictions.postprocess import PostProcess, enclosed
+from ..predictions.postprocess import PostProcess, component_labels, enclosed
 from ..predictions.voting import combine
 from .nested import FoldTable, nested_folds
 
@@ -30,17 +29,6 @@ AREAS = (0.0, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # candidate min_area fractions, "of
 def _candidates(classes: int) -> list[tuple[int, float, bool]]:
     """``(class, min_area, fill_holes)`` per class, ``(c, 0, False)`` (off) first."""
     return [(c, a, h) for c in range(1, classes) for h in (False, True) for a in AREAS]
-
-
-def target_bins(target: np.ndarray, classes: int, ignore_index: int | None) -> np.ndarray:
-    """Each pixel's target class as an index, ``classes`` (a spare bin) where ``confusion`` does not count
-    it (ignored or out of range)."""
-    bins = target.astype(np.intp).reshape(-1)
-    keep = (bins >= 0) & (bins < classes)
-    if ignore_index is not None:
-        keep &= bins != ignore_index
-    bins[~keep] = classes
-    return bins
 
 
 def _outcomes(
@@ -65,8 +53,7 @@ def _outcomes(
         return {}
     classes = len(plain)
     bins = target_bins(target, classes, ignore_index) if bins is None else bins
-    _, labels = cv2.connectedComponents(binary.view(np.uint8), connectivity=8)
-    labels = labels.astype(np.intp)  # see postprocess.components
+    labels = component_labels(binary)
     index = labels.reshape(-1) * (classes + 1)
     index += bins
     per_label = np.bincount(index, minlength=(labels.max() + 1) * (classes + 1)).reshape(-1, classes + 1)

@@ -13,30 +13,29 @@ from smp_unet3p.losses import DeepSupervisionLoss, get_loss
 from ..core.config import Config, ConfigError
 
 
-def class_weights(cfg: Config, classes: int, names: Sequence[str] | None = None) -> list[float] | None:
-    """``loss.class_weights`` checked against the loss (it needs a per-pixel term to weigh) and the classes:
-    one weight per class, in ``names`` order (a one-class, binary model: background, then the class)."""
+def configured_loss(cfg: Config, classes: int, names: Sequence[str] | None = None) -> nn.Module:
+    """``loss.name`` for ``classes`` outputs, its cross-entropy / focal term weighted by
+    ``loss.class_weights``, which must fit the loss (it needs a per-pixel term) and the classes: one weight
+    per class, in ``names`` order (a one-class, binary model: background, then the class)."""
     weights = cfg.loss.class_weights
-    if weights is None:
-        return None
-    expected = max(classes, 2)
-    if len(weights) != expected:
+    if weights is not None and len(weights) != max(classes, 2):
         which = "" if names is None else f" ({', '.join(['background', *names] if classes == 1 else names)})"
         raise ConfigError(
-            f"loss.class_weights has {len(weights)} entries but the model predicts {expected} classes"
+            f"loss.class_weights has {len(weights)} entries but the model predicts {max(classes, 2)} classes"
             f"{which}: give one weight per class, in that order"
         )
     try:
-        get_loss(cfg.loss.name, classes, cfg.loss.ignore_index, weights)
+        return get_loss(cfg.loss.name, classes, cfg.loss.ignore_index, weights)
     except ValueError as exc:
+        if weights is None:
+            raise
         raise ConfigError(f"loss.class_weights: {exc}") from None
-    return weights
 
 
 def build_criterion(cfg: Config, classes: int) -> DeepSupervisionLoss:
     """The configured loss on every output the model gives (main, side outputs, CGM presence)."""
     return DeepSupervisionLoss(
-        get_loss(cfg.loss.name, classes, cfg.loss.ignore_index, class_weights(cfg, classes)),
+        configured_loss(cfg, classes),
         classes,
         side_weights=cfg.loss.side_weight,
         cgm_weight=cfg.loss.cgm_weight,

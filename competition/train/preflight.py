@@ -13,7 +13,7 @@ from ..core.runtime import build_model, main_logits, resolve_device
 from ..data import images
 from ..data.classes import ClassMap, class_names
 from ..data.splits import data_files, paste_classes
-from .optim import class_weights
+from .optim import configured_loss
 
 
 class PreflightError(ConfigError):
@@ -71,7 +71,7 @@ def check_data(cfg: Config) -> tuple[int, tuple[int, int]]:
     """The class names the config gives (and a class weight for each), then ``check_images``: what every run
     of this data needs, whichever model it trains (``competition sweep`` checks it before any trial)."""
     names = class_names(cfg)
-    class_weights(cfg, len(names), names)
+    configured_loss(cfg, len(names), names)  # its class weights fit the loss and the classes
     if cfg.augment.copy_paste:
         paste_classes(
             cfg.augment.copy_paste_classes,

@@ -52,9 +52,7 @@ class CrossEntropyLoss(nn.Module):
         self.register_buffer("class_weights", weights, persistent=False)
 
     def pixel_weights(self, target: torch.Tensor, valid: torch.Tensor, classes: int) -> torch.Tensor:
-        """Each pixel's weight ``[B, H, W]``: its class's weight (1 without weights), 0 where ignored."""
-        if self.class_weights is None:
-            return valid.float()
+        """Each pixel's weight ``[B, H, W]`` (``class_weights`` set): its class's weight, 0 where ignored."""
         expected = max(classes, 2)
         if len(self.class_weights) != expected:
             raise ValueError(

@@ -235,7 +235,7 @@ def test_run_configs_written_before_pinning_keep_the_defaults_of_their_time(tmp_
 
 
 def test_class_weights_are_checked_against_the_loss_and_the_classes():
-    from competition.train.optim import build_criterion, class_weights
+    from competition.train.optim import build_criterion, configured_loss
     from competition.train.preflight import preflight
 
     with pytest.raises(ConfigError, match=r"override loss\.class_weights=.*greater than 0 \(got -2\.0\)"):
@@ -248,6 +248,6 @@ def test_class_weights_are_checked_against_the_loss_and_the_classes():
     with pytest.raises(ConfigError, match=wrong):
         preflight(cfg)  # before any image is read
     with pytest.raises(ConfigError, match=r"predicts 2 classes \(background, cell\)"):
-        class_weights(cfg, 1, ["cell"])
+        configured_loss(cfg, 1, ["cell"])
     criterion = build_criterion(cfg, 3)
     assert criterion.loss.terms["ce"].class_weights.tolist() == [1.0, 2.0, 4.0]
