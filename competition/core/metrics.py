@@ -25,11 +25,19 @@ def target_bins(target: np.ndarray, num_classes: int, ignore_index: int | None) 
 
 
 def confusion(
-    prediction: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int | None
+    prediction: np.ndarray,
+    target: np.ndarray,
+    num_classes: int,
+    ignore_index: int | None,
+    bins: np.ndarray | None = None,
 ) -> np.ndarray:
-    """``[target, prediction]`` pixel counts of two class-index maps (NumPy, as ``ConfusionMatrix``)."""
-    index = target_bins(target, num_classes, ignore_index)
-    index *= num_classes  # pixels not counted land past the matrix: no compaction of the maps
+    """``[target, prediction]`` pixel counts of two class-index maps (NumPy, as ``ConfusionMatrix``).
+    ``bins``: ``target_bins`` of ``target``, when the caller counts several predictions against it."""
+    if bins is None:
+        index = target_bins(target, num_classes, ignore_index)
+        index *= num_classes  # pixels not counted land past the matrix: no compaction of the maps
+    else:
+        index = bins * num_classes
     index += np.clip(prediction.reshape(-1), 0, num_classes - 1)
     counts = np.bincount(index, minlength=num_classes * (num_classes + 1))
     return counts[: num_classes**2].reshape(num_classes, num_classes)

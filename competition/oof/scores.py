@@ -22,7 +22,7 @@ from ..core.metrics import argmax_classes, confusion, miou_of
 from ..data.images import read_image
 from ..data.panels import save_panels
 from ..predictions.oof import ImageMaps, OofRuns, opened
-from ..predictions.voting import class_weights, hard_vote, soft_scores
+from ..predictions.voting import class_weights, hard_vote, soft_scores, soft_vote
 from .nested import FoldTable
 
 
@@ -89,7 +89,7 @@ class OofScorer:
         labels = probs.labels()  # from the stored levels, undecoded
         named = [(run.name, label) for run, label in zip(self.oof.runs, labels)]
         scores = soft_scores(probs.stored, self.w) if self.votes or self.files is not None else None
-        voted = argmax_classes(scores) if scores is not None else None
+        voted = soft_vote(probs.stored, self.w, scores) if scores is not None else None
         if self.votes:
             named += [(self.votes[0], voted), ("hard vote", hard_vote(labels, scores, self.w))]
         counts = [(name, confusion(label, target, classes, ignore)) for name, label in named]
@@ -169,8 +169,12 @@ def audit_table(
     (``rank`` 1 = most suspicious)."""
     oof = opened(runs, allow_partial)
     oof.check_files(files, "the runs' data")
-    rows = oof.map(lambda k, f, p, t: _audit_row(k, f, files, soft_scores(p.stored, weights), t, oof))
-    return _ranked(list(rows))
+
+    def row(key: str, fold: int, probs: ImageMaps, target: np.ndarray) -> dict:
+        scores = soft_scores(probs.stored, weights)
+        return _audit_row(key, fold, files, scores, target, oof, soft_vote(probs.stored, weights, scores))
+
+    return _ranked(list(oof.map(row)))
 
 
 def _audit_row(
@@ -211,7 +215,7 @@ def write_gallery(
         image = read_image(path) if path.is_file() else None
         if image is not None and image.shape[:2] != target.shape:
             image = cv2.resize(image, target.shape[::-1], interpolation=cv2.INTER_AREA)
-        pred = soft_scores(probs.stored, weights).argmax(0)
+        pred = soft_vote(probs.stored, weights)
         title = f"#{row.rank} {row.file_name}  score {row.score:.2f}  {row.top_confusion}"
         name = f"{row.rank:04d}_{Path(row.file_name).with_suffix('').as_posix().replace('/', '_')}.png"
         panels = [("label", target), ("OOF prediction", pred)]

@@ -38,10 +38,13 @@ def _outcomes(
     plain: np.ndarray,
     ignore_index: int | None,
     bins: np.ndarray | None = None,
+    order: np.ndarray | None = None,
 ) -> dict[tuple[float, bool], np.ndarray]:
     """Confusion counts of ``pred`` after each ``(min_area, fill_holes)`` setting of class ``cls`` (as
     ``PostProcess`` applies them: small components removed, then holes filled). Empty when ``cls`` is absent
     (every setting leaves ``pred`` as it is). ``bins``: ``target_bins`` of ``target`` (made when not given).
+    ``order`` (uint8, ``pred``'s shape, 0 on ``cls``): set on ``cls``'s pixels to how many of the ``AREAS``
+    remove their component (``_removed`` reads it back).
 
     Each setting's counts are ``plain``'s with the pixels it changes moved between two predicted classes:
     removed pixels from ``cls`` to background, filled holes from background to ``cls``. One pass finds the
@@ -49,14 +52,16 @@ def _outcomes(
     floods the outside once per distinct removal (none when the class has no hole: then every removed piece
     touches the outside, and filling changes nothing)."""
     binary = pred == cls
-    if not binary.any():
+    at = np.flatnonzero(binary)  # the class's pixels (a few percent of the image): counted alone
+    if not at.size:
         return {}
     classes = len(plain)
     bins = target_bins(target, classes, ignore_index) if bins is None else bins
-    labels = component_labels(binary)
-    index = labels.reshape(-1) * (classes + 1)
-    index += bins
-    per_label = np.bincount(index, minlength=(labels.max() + 1) * (classes + 1)).reshape(-1, classes + 1)
+    labels = component_labels(binary, as_index=False)  # read at the class's (and the holes') pixels only
+    own = labels.reshape(-1)[at].astype(np.intp)  # each class pixel's component
+    index = own * (classes + 1)
+    index += bins[at]
+    per_label = np.bincount(index, minlength=(own.max() + 1) * (classes + 1)).reshape(-1, classes + 1)
     areas, per_label = per_label.sum(1), per_label[:, :classes]  # pixels; counted target classes
     flat_pred = pred.reshape(-1)
 
@@ -72,20 +77,22 @@ def _outcomes(
     def filled(hole: np.ndarray, small: np.ndarray, after: np.ndarray) -> np.ndarray:
         """``after`` (the counts once ``small`` is removed) with the holes ``hole`` filled: its background
         pixels become ``cls``, and removed pixels in it are back to ``cls``."""
-        at = np.flatnonzero(hole)
-        b = bins[at]
-        back = small[labels.reshape(-1)[at]]  # removed pixels inside the holes: filled back
+        inside = np.flatnonzero(hole)
+        b = bins[inside]
+        back = small[labels.reshape(-1)[inside]]  # removed pixels inside the holes: filled back
         counts = moved(after, np.bincount(b[back], minlength=classes + 1)[:classes], 0, cls)
-        return moved(counts, np.bincount(b[flat_pred[at] == 0], minlength=classes + 1)[:classes], 0, cls)
+        return moved(counts, np.bincount(b[flat_pred[inside] == 0], minlength=classes + 1)[:classes], 0, cls)
 
     holes = enclosed(binary)
     has_holes = bool(holes.any())
     out: dict[tuple[float, bool], np.ndarray] = {}
     done: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # by the components removed
+    removals = np.zeros(len(areas), np.uint8)  # per component: how many settings remove it
     for area in AREAS:
         min_pixels = int(round(area * pred.size))
         small = areas < min_pixels if min_pixels > 1 else np.zeros(len(areas), bool)
         small[0] = False  # label 0 is everything that is not the class
+        removals += small
         key = small.tobytes()
         if key not in done:
             removes = small.any()
@@ -93,10 +100,32 @@ def _outcomes(
             if not has_holes:
                 done[key] = after, after
             else:  # holes of what is left; a removed pixel filled back is unchanged
-                left = enclosed(binary & ~small[labels]) if removes else holes
+                left = enclosed(_without(binary, at[small[own]])) if removes else holes
                 done[key] = after, filled(left, small, after)
         out[(area, False)], out[(area, True)] = done[key]
+    if order is not None and removals.any():
+        order.reshape(-1)[at] = removals[own]
     return out
+
+
+def _without(region: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+    """A copy of ``region`` with the flat ``pixels`` off."""
+    out = region.copy()
+    out.reshape(-1)[pixels] = False
+    return out
+
+
+def _removed(pred: np.ndarray, order: np.ndarray, settings: PostProcess) -> np.ndarray | None:
+    """Where ``settings``' small-component removals change ``pred``, from the ``order`` its tuning recorded
+    (``_outcomes``): one class's removal leaves the other classes' components as they were, so each pixel's
+    own class decides. ``None`` when a setting is not one of ``AREAS`` (then nothing was recorded for it)."""
+    needed = np.full(len(settings.class_names), 255, np.uint8)  # per class: removals that remove a pixel
+    for c, name in enumerate(settings.class_names[1:], start=1):
+        area = settings.min_area.get(name, 0.0)
+        if area not in AREAS:
+            return None
+        needed[c] = len(AREAS) - AREAS.index(area) if area > 0 else 255
+    return order >= needed[pred]
 
 
 @dataclass
@@ -153,19 +182,22 @@ class Tuner:
         self.keys = {b: _weights_key(w) for b, w in self.bases.items()}
         self.tables = {k: FoldTable(oof.num_classes, oof.ignore_index) for k in set(self.keys.values())}
         self.votes = {k: self.bases[next(b for b in self.bases if self.keys[b] == k)] for k in self.tables}
-        # each image's votes are kept (one byte a pixel) for the final scoring of the choices
+        # each image's votes, removal order and counts are kept (two bytes a pixel) for the final scoring
         self.dtype, self.kept = np.min_scalar_type(oof.num_classes - 1), []
 
     def measure(self, key: str, fold: int, probs: ImageMaps, target: np.ndarray) -> tuple:
-        """One image's votes and the confusion counts of every candidate setting: reads nothing it changes."""
+        """One image's votes (with their removal order, see ``_outcomes``, and their counts) and the counts of
+        every candidate setting: reads nothing it changes."""
         classes, preds, counts = self.oof.num_classes, {}, []
         bins = target_bins(target, classes, self.oof.ignore_index)
         per_class = len(self.candidates) // max(1, classes - 1)
         for k in self.tables:
-            pred = preds[k] = combine(probs.stored, self.votes[k]).astype(self.dtype)
-            plain = confusion(pred, target, classes, self.oof.ignore_index)
+            pred = combine(probs.stored, self.votes[k]).astype(self.dtype)
+            order = np.zeros(pred.shape, np.uint8)
+            plain = confusion(pred, target, classes, self.oof.ignore_index, bins)
+            preds[k] = pred, order, plain
             for c in range(1, classes):
-                outcomes = _outcomes(pred, target, c, plain, self.oof.ignore_index, bins)
+                outcomes = _outcomes(pred, target, c, plain, self.oof.ignore_index, bins, order)
                 counts += [(k, cand, outcomes.get(cand[1:], plain))
                            for cand in self.candidates[(c - 1) * per_class : c * per_class]]  # fmt: skip
         return fold, counts, target, preds
@@ -193,12 +225,23 @@ class Tuner:
         chosen, per_fold = self._choose(None), {f: self._choose(f) for f in self.folds}
         final = FoldTable(oof.num_classes, oof.ignore_index)
 
+        def applied(settings: PostProcess, vote: tuple) -> np.ndarray:
+            """``settings(pred)`` of a kept ``(pred, order, counts)``, its removals read from ``order``
+            instead of labelling every class again."""
+            pred, order, _ = vote
+            removed = _removed(pred, order, settings)
+            return settings(pred) if removed is None else settings.fill(np.where(removed, 0, pred))
+
         def scored(kept: tuple) -> tuple[int, list[np.ndarray]]:  # on the reading threads, merged in order
             fold, target, preds = kept
-            pred, done = preds[keys[None]], chosen(preds[keys[None]])
+            bins = target_bins(target, oof.num_classes, oof.ignore_index)
+
+            def counted(pred: np.ndarray) -> np.ndarray:
+                return confusion(pred, target, oof.num_classes, oof.ignore_index, bins)
+
+            plain, done = preds[keys[None]][2], counted(applied(chosen, preds[keys[None]]))
             same = keys[fold] == keys[None] and per_fold[fold].operations == chosen.operations
-            made = [pred, done, done if same else per_fold[fold](preds[keys[fold]])]  # often one choice
-            return fold, [confusion(p, target, oof.num_classes, oof.ignore_index) for p in made]
+            return fold, [plain, done, done if same else counted(applied(per_fold[fold], preds[keys[fold]]))]
 
         for fold, counts in read_ahead(scored, self.kept, oof.workers):
             for name, matrix in zip(("plain", "in", "nested"), counts):

@@ -54,10 +54,52 @@ def combine(probs: Sequence[np.ndarray], weights: np.ndarray | None = None, vote
     to the one of larger weighted probability sum (so a member of weight 0 has no say at all).
     """
     if vote == "soft":
-        return argmax_classes(soft_scores(probs, weights))
+        return soft_vote(probs, weights)
     if vote != "hard":
         raise ValueError(f"vote must be 'soft' or 'hard', got {vote!r}")
     return hard_vote([argmax_classes(p) for p in probs], soft_scores(probs, weights), weights)
+
+
+def soft_vote(
+    probs: Sequence[np.ndarray],
+    weights: np.ndarray | Sequence[float] | None = None,
+    scores: np.ndarray | None = None,
+) -> np.ndarray:
+    """Class map of ``combine``'s soft vote. Members stored as uint8 levels (``ImageMaps.stored``) with equal
+    weights vote on their exact integer sums (``level_vote``): the float sums give the same classes except
+    where two classes' level sums tie, which rounding breaks either way and the integer vote gives to the
+    first class. Otherwise the arg-max of ``scores`` (``soft_scores``, computed when not given)."""
+    if _equal_levels(probs, weights):
+        return level_vote(probs)
+    return argmax_classes(soft_scores(probs, weights) if scores is None else scores)
+
+
+def level_vote(levels: Sequence[np.ndarray]) -> np.ndarray:
+    """Arg-max over classes of the summed uint8 ``levels`` ``[C, ...]`` of every member, ties to the first
+    class: a max over packed ``(sum, last class - class)`` keys, in 16 bits when they fit (5 members of 11
+    classes do), no float sums."""
+    classes = levels[0].shape[0]
+    bits = (classes - 1).bit_length()
+    dtype = np.uint16 if (255 * len(levels)).bit_length() + bits <= 16 else np.uint32
+    keys = levels[0].astype(dtype)
+    for member in levels[1:]:
+        keys += member
+    keys <<= bits
+    keys |= ((1 << bits) - 1 - np.arange(classes, dtype=dtype)).reshape((-1,) + (1,) * (keys.ndim - 1))
+    best = keys.max(0)
+    best &= (1 << bits) - 1
+    return (1 << bits) - 1 - best.astype(np.intp)
+
+
+def _equal_levels(probs: Sequence[np.ndarray], weights: np.ndarray | Sequence[float] | None) -> bool:
+    """Whether ``level_vote`` gives the soft vote: uint8 members, equal weights, sums and classes that fit."""
+    fits = (255 * len(probs)).bit_length() + (probs[0].shape[0] - 1).bit_length() <= 32  # a key in 32 bits
+    if not fits or not all(p.dtype == np.uint8 for p in probs):
+        return False
+    if weights is None:
+        return True
+    w = class_weights(weights, len(probs), probs[0].shape[0])
+    return bool(np.all(w == w.flat[0]))
 
 
 TIED = 255  # a vote table's entry where classes tie on votes (the summed probabilities decide)

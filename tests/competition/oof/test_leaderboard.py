@@ -9,14 +9,14 @@ import pytest
 from competition.cli import main
 from competition.core.config import ConfigError
 from competition.core.config_file import config_from_dict
-from competition.core.metrics import confusion
+from competition.core.metrics import argmax_classes, confusion
 from competition.data.splits import build_datasets
 from competition.oof.scores import audit_table
-from competition.oof.tune import AREAS, _outcomes, tune
+from competition.oof.tune import AREAS, _outcomes, _removed, tune
 from competition.oof.weights import search_weights
 from competition.predictions import voting
 from competition.predictions.postprocess import PostProcess, enclosed, fill_holes, remove_small
-from competition.predictions.voting import class_weights, combine, soft_scores
+from competition.predictions.voting import class_weights, combine, level_vote, soft_scores
 from tests.conftest import fake_oof_run, onehot, tiny_config_dict
 
 
@@ -99,6 +99,56 @@ def test_each_tuning_candidate_counts_what_applying_it_gives():
     pred[rng.random(pred.shape) < 0.02] = 1  # back once it is removed; diagonal specks: 4-pieces
     outcomes, _ = _every_setting_of_class_1(pred, rng)
     assert not np.array_equal(outcomes[(AREAS[-1], True)], outcomes[(AREAS[-1], False)])
+
+
+def test_final_scoring_reads_every_removal_from_the_tuning_order():
+    """The tuner scores its choices without labelling again: each pixel's removal order (recorded while
+    counting the candidates) and its own class say whether a combination of per-class settings removes it;
+    then the holes are filled as ``PostProcess`` fills them. The same maps as ``PostProcess`` for every
+    combination of two classes' settings, on maps where the classes touch, enclose each other and speckle."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    names = ["bg", "a", "b"]
+    for _ in range(3):
+        pred = (ndimage.binary_opening(rng.random((64, 64)) < 0.6) * rng.integers(1, 3, (64, 64))).astype(
+            np.uint8
+        )
+        pred[rng.random(pred.shape) < 0.03] = rng.integers(1, 3)  # specks, some inside the other class
+        pred[20:40, 20:40], pred[25:35, 25:35], pred[30, 30] = 1, 2, 0  # b inside a, a hole inside b
+        target = rng.integers(0, 3, pred.shape)
+        order = np.zeros(pred.shape, np.uint8)
+        for cls in (1, 2):
+            _outcomes(pred, target, cls, confusion(pred, target, 3, 255), 255, order=order)
+        assert order.max() == 3 and not order[pred == 0].any()  # 4096 px: AREAS 1e-4, 3e-4 are under 2 px
+        for area_a in AREAS:
+            for area_b in AREAS:
+                for fill in ({}, {"a": True}, {"b": True}, {"a": True, "b": True}):
+                    pp = PostProcess(names, min_area={"a": area_a, "b": area_b}, fill_holes=fill)
+                    made = pp.fill(np.where(_removed(pred, order, pp), 0, pred))
+                    np.testing.assert_array_equal(made, pp(pred), err_msg=f"{area_a} {area_b} {fill}")
+    assert _removed(pred, order, PostProcess(names, min_area={"a": 0.002})) is None  # not a tuned setting
+
+
+def test_equal_weight_soft_vote_of_stored_levels_is_the_exact_integer_vote():
+    """uint8 levels with equal weights vote on their integer sums, ties to the first class: the float vote's
+    classes wherever one class leads, and never a class that does not lead (the float sums break ties by
+    rounding). Unequal weights keep the float vote; many members get wider keys."""
+    rng = np.random.default_rng(0)
+    levels = [(rng.integers(0, 4, (5, 7, 9)) * 60).astype(np.uint8) for _ in range(3)]  # few levels: ties
+    sums = sum(m.astype(np.int64) for m in levels)
+    ranked = np.sort(sums, axis=0)
+    leads = ranked[-1] > ranked[-2]
+    assert (~leads).sum() > 5  # ties to break
+    for weights in (None, [2, 2, 2], np.full((3, 5), 0.3)):
+        voted = combine(levels, weights)
+        assert np.array_equal(voted, sums.argmax(0))  # NumPy's first largest
+        assert np.array_equal(voted[leads], argmax_classes(soft_scores(levels, weights))[leads])
+    w = [0.5, 0.3, 0.2]
+    assert np.array_equal(combine(levels, w), argmax_classes(soft_scores(levels, w)))
+    many = [rng.integers(0, 256, (3, 4, 4)).astype(np.uint8) for _ in range(300)]  # sums need 17 bits
+    assert np.array_equal(level_vote(many), sum(m.astype(np.int64) for m in many).argmax(0))
+    assert np.array_equal(level_vote(levels[:1]), levels[0].argmax(0))
 
 
 def _every_setting_of_class_1(pred, rng):
