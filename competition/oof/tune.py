@@ -38,13 +38,12 @@ def _outcomes(
     plain: np.ndarray,
     ignore_index: int | None,
     bins: np.ndarray | None = None,
-    order: np.ndarray | None = None,
+    vote: Vote | None = None,
 ) -> dict[tuple[float, bool], np.ndarray]:
     """Confusion counts of ``pred`` after each ``(min_area, fill_holes)`` setting of class ``cls`` (as
     ``PostProcess`` applies them: small components removed, then holes filled). Empty when ``cls`` is absent
     (every setting leaves ``pred`` as it is). ``bins``: ``target_bins`` of ``target`` (made when not given).
-    ``order`` (uint8, ``pred``'s shape, 0 on ``cls``): set on ``cls``'s pixels to how many of the ``AREAS``
-    remove their component (``_removed`` reads it back).
+    ``vote``: ``pred``'s ``Vote``, where the class's removal order and enclosed pixels are recorded.
 
     Each setting's counts are ``plain``'s with the pixels it changes moved between two predicted classes:
     removed pixels from ``cls`` to background, filled holes from background to ``cls``. One pass finds the
@@ -74,10 +73,9 @@ def _outcomes(
         counts[:, new] += n
         return counts
 
-    def filled(hole: np.ndarray, small: np.ndarray, after: np.ndarray) -> np.ndarray:
-        """``after`` (the counts once ``small`` is removed) with the holes ``hole`` filled: its background
-        pixels become ``cls``, and removed pixels in it are back to ``cls``."""
-        inside = np.flatnonzero(hole)
+    def filled(inside: np.ndarray, small: np.ndarray, after: np.ndarray) -> np.ndarray:
+        """``after`` (the counts once ``small`` is removed) with the holes (flat pixels ``inside``) filled:
+        their background pixels become ``cls``, and removed pixels in them are back to ``cls``."""
         b = bins[inside]
         back = small[labels.reshape(-1)[inside]]  # removed pixels inside the holes: filled back
         counts = moved(after, np.bincount(b[back], minlength=classes + 1)[:classes], 0, cls)
@@ -86,8 +84,9 @@ def _outcomes(
     holes = enclosed(binary)
     has_holes = bool(holes.any())
     out: dict[tuple[float, bool], np.ndarray] = {}
-    done: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # by the components removed
+    done: dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # by the components removed
     removals = np.zeros(len(areas), np.uint8)  # per component: how many settings remove it
+    inside_at: list[np.ndarray] = []  # per setting: the pixels its holes enclose
     for area in AREAS:
         min_pixels = int(round(area * pred.size))
         small = areas < min_pixels if min_pixels > 1 else np.zeros(len(areas), bool)
@@ -98,14 +97,19 @@ def _outcomes(
             removes = small.any()
             after = moved(plain, per_label[small].sum(0), cls, 0) if removes else plain
             if not has_holes:
-                done[key] = after, after
+                done[key] = after, after, NOWHERE
             else:  # holes of what is left; a removed pixel filled back is unchanged
                 left = enclosed(_without(binary, at[small[own]])) if removes else holes
-                done[key] = after, filled(left, small, after)
-        out[(area, False)], out[(area, True)] = done[key]
-    if order is not None and removals.any():
-        order.reshape(-1)[at] = removals[own]
+                inside = np.flatnonzero(left)
+                done[key] = after, filled(inside, small, after), inside.astype(np.int32)
+        out[(area, False)], out[(area, True)], inside = done[key]
+        inside_at.append(inside)
+    if vote is not None:
+        vote.record(cls, at, removals[own], inside_at)
     return out
+
+
+NOWHERE = np.zeros(0, np.int32)  # no pixel
 
 
 def _without(region: np.ndarray, pixels: np.ndarray) -> np.ndarray:
@@ -115,17 +119,51 @@ def _without(region: np.ndarray, pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _removed(pred: np.ndarray, order: np.ndarray, settings: PostProcess) -> np.ndarray | None:
-    """Where ``settings``' small-component removals change ``pred``, from the ``order`` its tuning recorded
-    (``_outcomes``): one class's removal leaves the other classes' components as they were, so each pixel's
-    own class decides. ``None`` when a setting is not one of ``AREAS`` (then nothing was recorded for it)."""
-    needed = np.full(len(settings.class_names), 255, np.uint8)  # per class: removals that remove a pixel
-    for c, name in enumerate(settings.class_names[1:], start=1):
-        area = settings.min_area.get(name, 0.0)
-        if area not in AREAS:
-            return None
-        needed[c] = len(AREAS) - AREAS.index(area) if area > 0 else 255
-    return order >= needed[pred]
+class Vote:
+    """One image's soft vote as the final scoring needs it, recorded by ``_outcomes`` while it counts the
+    candidates: the class map, its confusion counts, each pixel's removal order (how many of the ``AREAS``
+    remove its component) and, per class and setting, the pixels its holes enclose. One class's removal leaves
+    the other classes' components as they were, and its holes depend on its own pixels alone, so any
+    combination of tuned settings is applied from these without labelling or flooding again."""
+
+    def __init__(self, pred: np.ndarray, plain: np.ndarray):
+        self.pred, self.plain = pred, plain
+        self.order = np.zeros(pred.shape, np.uint8)  # 0: no setting removes the pixel
+        self.inside: dict[int, list[np.ndarray]] = {}
+
+    def record(self, cls: int, at: np.ndarray, order: np.ndarray, inside: list[np.ndarray]) -> None:
+        """Class ``cls``'s pixels ``at`` (flat) with their removal ``order``, and per setting its holes."""
+        if order.any():
+            self.order.reshape(-1)[at] = order
+        self.inside[cls] = inside
+
+    def close(self) -> None:
+        """Once every class is recorded: keep of the enclosed pixels only those a fill can change (predicted
+        background, or in a component some setting removes), so large enclosed regions cost no memory."""
+        flat_pred, flat_order, kept = self.pred.reshape(-1), self.order.reshape(-1), {}
+        for c, per_setting in self.inside.items():
+            for inside in per_setting:
+                if id(inside) not in kept:  # settings that remove the same components share their pixels
+                    kept[id(inside)] = inside[(flat_pred[inside] == 0) | (flat_order[inside] > 0)]
+            self.inside[c] = [kept[id(inside)] for inside in per_setting]
+
+    def postprocessed(self, settings: PostProcess) -> np.ndarray:
+        """``settings(pred)``: removals read from the order, then each class's holes filled in class order,
+        as ``PostProcess`` does (computed afresh when a setting is not one of ``AREAS``)."""
+        names = settings.class_names
+        areas = [settings.min_area.get(name, 0.0) for name in names[1:]]
+        if any(area not in AREAS for area in areas):
+            return settings(self.pred)
+        needed = np.full(len(names), 255, np.uint8)  # per class: the order that removes a pixel
+        for c, area in enumerate(areas, start=1):
+            needed[c] = len(AREAS) - AREAS.index(area) if area > 0 else 255
+        mask = np.where(self.order >= needed[self.pred], 0, self.pred)
+        flat = mask.reshape(-1)
+        for c, (name, area) in enumerate(zip(names[1:], areas), start=1):
+            if settings.fill_holes.get(name, False) and c in self.inside:
+                inside = self.inside[c][AREAS.index(area)]
+                flat[inside[flat[inside] == 0]] = c
+        return mask
 
 
 @dataclass
@@ -182,24 +220,24 @@ class Tuner:
         self.keys = {b: _weights_key(w) for b, w in self.bases.items()}
         self.tables = {k: FoldTable(oof.num_classes, oof.ignore_index) for k in set(self.keys.values())}
         self.votes = {k: self.bases[next(b for b in self.bases if self.keys[b] == k)] for k in self.tables}
-        # each image's votes, removal order and counts are kept (two bytes a pixel) for the final scoring
+        # each image's Vote is kept (about two bytes a pixel) for the final scoring
         self.dtype, self.kept = np.min_scalar_type(oof.num_classes - 1), []
 
     def measure(self, key: str, fold: int, probs: ImageMaps, target: np.ndarray) -> tuple:
-        """One image's votes (with their removal order, see ``_outcomes``, and their counts) and the counts of
-        every candidate setting: reads nothing it changes."""
+        """One image's ``Vote`` per weight vector and the counts of every candidate setting: reads nothing it
+        changes."""
         classes, preds, counts = self.oof.num_classes, {}, []
         bins = target_bins(target, classes, self.oof.ignore_index)
         per_class = len(self.candidates) // max(1, classes - 1)
         for k in self.tables:
             pred = combine(probs.stored, self.votes[k]).astype(self.dtype)
-            order = np.zeros(pred.shape, np.uint8)
             plain = confusion(pred, target, classes, self.oof.ignore_index, bins)
-            preds[k] = pred, order, plain
+            preds[k] = Vote(pred, plain)
             for c in range(1, classes):
-                outcomes = _outcomes(pred, target, c, plain, self.oof.ignore_index, bins, order)
+                outcomes = _outcomes(pred, target, c, plain, self.oof.ignore_index, bins, preds[k])
                 counts += [(k, cand, outcomes.get(cand[1:], plain))
                            for cand in self.candidates[(c - 1) * per_class : c * per_class]]  # fmt: skip
+            preds[k].close()
         return fold, counts, target, preds
 
     def merge(self, part: tuple) -> None:
@@ -225,13 +263,6 @@ class Tuner:
         chosen, per_fold = self._choose(None), {f: self._choose(f) for f in self.folds}
         final = FoldTable(oof.num_classes, oof.ignore_index)
 
-        def applied(settings: PostProcess, vote: tuple) -> np.ndarray:
-            """``settings(pred)`` of a kept ``(pred, order, counts)``, its removals read from ``order``
-            instead of labelling every class again."""
-            pred, order, _ = vote
-            removed = _removed(pred, order, settings)
-            return settings(pred) if removed is None else settings.fill(np.where(removed, 0, pred))
-
         def scored(kept: tuple) -> tuple[int, list[np.ndarray]]:  # on the reading threads, merged in order
             fold, target, preds = kept
             bins = target_bins(target, oof.num_classes, oof.ignore_index)
@@ -239,9 +270,10 @@ class Tuner:
             def counted(pred: np.ndarray) -> np.ndarray:
                 return confusion(pred, target, oof.num_classes, oof.ignore_index, bins)
 
-            plain, done = preds[keys[None]][2], counted(applied(chosen, preds[keys[None]]))
+            vote, own = preds[keys[None]], preds[keys[fold]]  # own: the vote of fold f's nested weights
+            done = counted(vote.postprocessed(chosen))
             same = keys[fold] == keys[None] and per_fold[fold].operations == chosen.operations
-            return fold, [plain, done, done if same else counted(applied(per_fold[fold], preds[keys[fold]]))]
+            return fold, [vote.plain, done, done if same else counted(own.postprocessed(per_fold[fold]))]
 
         for fold, counts in read_ahead(scored, self.kept, oof.workers):
             for name, matrix in zip(("plain", "in", "nested"), counts):

@@ -130,10 +130,6 @@ class PostProcess:
         for c, name in enumerate(self.class_names[1:], start=1):
             if self.min_area.get(name, 0.0) > 0:
                 mask = remove_small(mask, c, int(round(self.min_area[name] * area)))
-        return self.fill(mask)
-
-    def fill(self, mask: np.ndarray) -> np.ndarray:
-        """The hole filling of ``__call__`` alone (it runs after every removal), class by class."""
         for c, name in enumerate(self.class_names[1:], start=1):
             if self.fill_holes.get(name, False):
                 mask = fill_holes(mask, c)

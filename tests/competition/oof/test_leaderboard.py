@@ -12,7 +12,7 @@ from competition.core.config_file import config_from_dict
 from competition.core.metrics import argmax_classes, confusion
 from competition.data.splits import build_datasets
 from competition.oof.scores import audit_table
-from competition.oof.tune import AREAS, _outcomes, _removed, tune
+from competition.oof.tune import AREAS, Vote, _outcomes, tune
 from competition.oof.weights import search_weights
 from competition.predictions import voting
 from competition.predictions.postprocess import PostProcess, enclosed, fill_holes, remove_small
@@ -101,11 +101,11 @@ def test_each_tuning_candidate_counts_what_applying_it_gives():
     assert not np.array_equal(outcomes[(AREAS[-1], True)], outcomes[(AREAS[-1], False)])
 
 
-def test_final_scoring_reads_every_removal_from_the_tuning_order():
-    """The tuner scores its choices without labelling again: each pixel's removal order (recorded while
-    counting the candidates) and its own class say whether a combination of per-class settings removes it;
-    then the holes are filled as ``PostProcess`` fills them. The same maps as ``PostProcess`` for every
-    combination of two classes' settings, on maps where the classes touch, enclose each other and speckle."""
+def test_final_scoring_applies_settings_from_what_the_candidates_recorded():
+    """The tuner scores its choices without labelling or flooding again: each pixel's removal order and each
+    class's enclosed pixels per setting (recorded while counting the candidates) give any combination of
+    per-class settings. The same maps as ``PostProcess`` for every combination of two classes' settings, on
+    maps where the classes touch, enclose each other and speckle."""
     from scipy import ndimage
 
     rng = np.random.default_rng(3)
@@ -117,17 +117,22 @@ def test_final_scoring_reads_every_removal_from_the_tuning_order():
         pred[rng.random(pred.shape) < 0.03] = rng.integers(1, 3)  # specks, some inside the other class
         pred[20:40, 20:40], pred[25:35, 25:35], pred[30, 30] = 1, 2, 0  # b inside a, a hole inside b
         target = rng.integers(0, 3, pred.shape)
-        order = np.zeros(pred.shape, np.uint8)
+        vote = Vote(pred, confusion(pred, target, 3, 255))
         for cls in (1, 2):
-            _outcomes(pred, target, cls, confusion(pred, target, 3, 255), 255, order=order)
-        assert order.max() == 3 and not order[pred == 0].any()  # 4096 px: AREAS 1e-4, 3e-4 are under 2 px
+            _outcomes(pred, target, cls, vote.plain, 255, vote=vote)
+        assert vote.order.max() == 3 and not vote.order[pred == 0].any()  # 4096 px: 1e-4, 3e-4 under 2 px
+        vote.close()  # only the enclosed pixels a fill can change are kept
+        kept = [i for per_setting in vote.inside.values() for i in per_setting]
+        assert all(((pred.flat[i] == 0) | (vote.order.flat[i] > 0)).all() for i in kept)
+        assert sum(len(i[0]) for i in vote.inside.values()) < sum(enclosed(pred == c).sum() for c in (1, 2))
         for area_a in AREAS:
             for area_b in AREAS:
                 for fill in ({}, {"a": True}, {"b": True}, {"a": True, "b": True}):
                     pp = PostProcess(names, min_area={"a": area_a, "b": area_b}, fill_holes=fill)
-                    made = pp.fill(np.where(_removed(pred, order, pp), 0, pred))
+                    made = vote.postprocessed(pp)
                     np.testing.assert_array_equal(made, pp(pred), err_msg=f"{area_a} {area_b} {fill}")
-    assert _removed(pred, order, PostProcess(names, min_area={"a": 0.002})) is None  # not a tuned setting
+    pp = PostProcess(names, min_area={"a": 0.002}, fill_holes={"b": True})  # not a tuned setting: applied
+    np.testing.assert_array_equal(vote.postprocessed(pp), pp(pred))
 
 
 def test_equal_weight_soft_vote_of_stored_levels_is_the_exact_integer_vote():
