@@ -24,6 +24,9 @@ from threadpoolctl import threadpool_limits
 from ..core.io import read_ahead
 from ..core.metrics import argmax_classes
 from ..predictions.oof import ImageMaps, OofRuns, from_levels
+from ..predictions.voting import whole_weights
+
+CHUNK = 1 << 20  # vote values scored at a time: a chunk's [G, P] scores stay in the core's cache
 
 
 @dataclass
@@ -106,27 +109,25 @@ def sample_oof(oof: OofRuns, per_image: int = 2048, seed: int = 0) -> OofSample:
         if any(p.dtype != np.uint8 for p in picked):  # float16 files (or a mix): as float16 probabilities
             picked = [_half(p) for p in picked]
         stacked = np.stack(picked, axis=1)  # [C, R, n]
-        return stacked, target.reshape(-1)[index].astype(np.int64), weight, fold
+        agree, label = _agreement(stacked)
+        first = np.argsort(~agree, kind="stable")  # the pixels where every run agrees first, in order
+        target = target.reshape(-1)[index].astype(np.int64)
+        fields = (stacked[:, :, first], target[first], weight[first], agree[first], label[first])
+        return fold, int(agree.sum()), fields
 
-    parts = list(oof.map(one))  # each image's sample drawn on the reading threads
+    parts = list(oof.map(one))  # each image's sample (and where its runs agree) made on the reading threads
     if not parts:
         raise ValueError("no OOF images to sample")
-    if len({p[0].dtype for p in parts}) > 1:  # folds written as levels and as float16: all as float16
-        parts = [(_half(p[0]), *p[1:]) for p in parts]
-    probs = np.concatenate([p[0] for p in parts], axis=2)
-    fold = np.concatenate([np.full(len(p[1]), p[3], np.int64) for p in parts])
-    agree, label = _agreement(probs)
-    order = np.lexsort((~agree, fold))  # fold by fold, agreeing pixels first, image order kept within
-    return OofSample(
-        probs[:, :, order],
-        np.concatenate([p[1] for p in parts])[order],
-        np.concatenate([p[2] for p in parts])[order],
-        fold[order],
-        classes,
-        agree[order],
-        label[order],
-        oof.workers,
-    )
+    if len({fields[0].dtype for _, _, fields in parts}) > 1:  # levels and float16 files: all as float16
+        parts = [(fold, agreed, (_half(fields[0]), *fields[1:])) for fold, agreed, fields in parts]
+    pieces: list[tuple] = []  # fold by fold: every image's agreeing pixels, then every image's others
+    for fold in sorted({fold for fold, _, _ in parts}):
+        mine = [(agreed, fields) for f, agreed, fields in parts if f == fold]
+        pieces += [tuple(a[..., :agreed] for a in fields) + (fold,) for agreed, fields in mine]
+        pieces += [tuple(a[..., agreed:] for a in fields) + (fold,) for agreed, fields in mine]
+    probs, target, weight, agree, label = (np.concatenate([p[i] for p in pieces], axis=-1) for i in range(5))
+    fold = np.concatenate([np.full(len(p[1]), p[5], np.int64) for p in pieces])
+    return OofSample(probs, target, weight, fold, classes, agree, label, oof.workers)
 
 
 def _agreement(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -146,17 +147,21 @@ def _confusions(target: np.ndarray, pred: np.ndarray, weight: np.ndarray, classe
     return np.bincount(cell.ravel(), np.broadcast_to(weight, pred.shape).ravel(), len(pred) * classes**2)
 
 
-def vote_counts(sample: OofSample, weights: np.ndarray, chunk: int = 1 << 22) -> dict[int, np.ndarray]:
+def vote_counts(sample: OofSample, weights: np.ndarray, chunk: int = CHUNK) -> dict[int, np.ndarray]:
     """Per fold, the weighted confusion matrices ``[G, C, C]`` of the soft votes of ``weights`` (``[G, R]``
     per run, or ``[G, R, C]`` per run and class) on the sample, rounded to whole pixels. Pixels are scored
     in chunks of about ``chunk`` vote values (memory stays bounded whatever the grid size) on the sample's
-    threads, merged in order (the counts of one thread)."""
+    threads, merged in order (the counts of one thread). Stored levels with weights on a small denominator
+    (a search's grid and picks) vote on exact integer sums, as ``voting.soft_vote`` votes them."""
     w = np.asarray(weights, dtype=np.float32)
     grid, classes = len(w), sample.num_classes
+    whole = _whole_rows(np.asarray(weights, np.float64), classes) if sample.probs.dtype == np.uint8 else None
 
     def count(part: slice) -> np.ndarray:
-        p, target, weight = sample.by_class(part), sample.target[part], sample.weight[part]
-        return _confusions(target, _voted(w, p), weight, classes)
+        target, weight = sample.target[part], sample.weight[part]
+        if whole is not None:
+            return _confusions(target, _voted_levels(whole, sample.probs[:, :, part]), weight, classes)
+        return _confusions(target, _voted(w, sample.by_class(part)), weight, classes)
 
     step = max(1, chunk // max(1, grid * classes))
     per_run = w.ndim == 2  # where every run's argmax agrees, so does every convex combination's: counted once
@@ -180,6 +185,34 @@ def _voted(w: np.ndarray, p: np.ndarray) -> np.ndarray:
     return index
 
 
+def _whole_rows(weights: np.ndarray, classes: int) -> np.ndarray | None:
+    """Every candidate's weights ``[G, R(, C)]`` as whole numbers (``voting.whole_weights``, a scale per
+    candidate), or ``None`` when one has none or its keys in ``_voted_levels`` would not be exact."""
+    rows = [whole_weights(row) for row in weights]
+    if any(row is None for row in rows):
+        return None
+    k = np.stack(rows)
+    return k if classes * (255 * int(k.sum(1).max()) + 1) <= 2**24 else None
+
+
+def _voted_levels(k: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """``_voted`` of uint8 ``levels`` ``[C, R, P]`` with whole weights ``k`` ``[G, R(, C)]``: each class's
+    vote is a whole number, so the key ``C * vote + (C - 1 - c)`` is exact in float32 and one running max per
+    class picks the class of the largest vote, ties to the first (as ``argmax``, and as ``level_vote``)."""
+    classes = len(levels)
+    scaled = (k * classes).astype(np.float32)
+    weights = (lambda c: scaled) if k.ndim == 2 else (lambda c: np.ascontiguousarray(scaled[:, :, c]))
+    x = levels.astype(np.float32)
+    best = weights(0) @ x[0]
+    best += classes - 1
+    score = np.empty_like(best)
+    for c in range(1, classes):
+        np.matmul(weights(c), x[c], out=score)
+        score += classes - 1 - c
+        np.maximum(best, score, out=best)
+    return (classes - 1 - best.astype(np.int32) % classes).astype(np.min_scalar_type(classes - 1))
+
+
 def _per_fold(
     sample: OofSample, parts: list[tuple[int, slice]], count: Callable[[slice], np.ndarray], size: int
 ) -> dict[int, np.ndarray]:
@@ -197,7 +230,7 @@ def column_counts(
     sample: OofSample,
     base: np.ndarray,
     candidates: list[tuple[int, np.ndarray]],
-    chunk: int = 1 << 22,
+    chunk: int = CHUNK,
 ) -> dict[int, np.ndarray]:
     """Per fold, confusion matrices ``[K, C, C]``: for candidate ``(c, column)``, the soft vote of the
     per-run-and-class weights ``base`` ``[R, C]`` with class ``c``'s column replaced by ``column`` (the

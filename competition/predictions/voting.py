@@ -65,41 +65,81 @@ def soft_vote(
     weights: np.ndarray | Sequence[float] | None = None,
     scores: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Class map of ``combine``'s soft vote. Members stored as uint8 levels (``ImageMaps.stored``) with equal
-    weights vote on their exact integer sums (``level_vote``): the float sums give the same classes except
-    where two classes' level sums tie, which rounding breaks either way and the integer vote gives to the
-    first class. Otherwise the arg-max of ``scores`` (``soft_scores``, computed when not given)."""
-    if _equal_levels(probs, weights):
-        return level_vote(probs)
+    """Class map of ``combine``'s soft vote. Members stored as uint8 levels (``ImageMaps.stored``) with
+    weights that are whole multiples of some ``1 / m`` (equal weights, a search's grid: ``whole_weights``)
+    vote on exact integer sums (``level_vote``): the float sums give the same classes except where two
+    classes' sums tie, which rounding breaks either way and the integer vote gives to the first class.
+    Otherwise the arg-max of ``scores`` (``soft_scores``, computed when not given)."""
+    counts = _level_counts(probs, weights)
+    if counts is not None:
+        return level_vote(probs, counts)
     return argmax_classes(soft_scores(probs, weights) if scores is None else scores)
 
 
-def level_vote(levels: Sequence[np.ndarray]) -> np.ndarray:
-    """Arg-max over classes of the summed uint8 ``levels`` ``[C, ...]`` of every member, ties to the first
-    class: a max over packed ``(sum, last class - class)`` keys, in 16 bits when they fit (5 members of 11
-    classes do), no float sums."""
+WHOLE_LIMIT = 1000  # the largest denominator m of weights that vote on exact integer sums (k / m each)
+
+
+def whole_weights(weights: np.ndarray, limit: int = WHOLE_LIMIT) -> np.ndarray | None:
+    """Non-negative ``weights`` (any shape) as whole numbers ``k = m * weights`` for the smallest ``m <=
+    limit`` that makes every one whole (to 1e-9 each), else ``None``. A vote with ``k`` picks what a vote with
+    ``weights`` picks (one scale for all), on integer sums."""
+    flat = np.asarray(weights, np.float64).reshape(-1)
+    if not np.isfinite(flat).all() or (flat < 0).any():
+        return None
+    m = np.arange(1, limit + 1, dtype=np.float64)
+    scaled = m[:, None] * flat
+    whole = (np.abs(scaled - np.rint(scaled)) <= 1e-9 * m[:, None]).all(1)
+    if not whole.any():
+        return None
+    return np.rint(scaled[int(np.argmax(whole))]).astype(np.int64).reshape(np.shape(weights))
+
+
+def level_vote(levels: Sequence[np.ndarray], counts: np.ndarray | None = None) -> np.ndarray:
+    """Arg-max over classes of the uint8 ``levels`` ``[C, ...]`` of every member summed with whole weights
+    ``counts`` (``[members, C]``; ``None``: one each), ties to the first class: a max over packed ``(sum,
+    last class - class)`` keys, in 16 bits when they fit (5 members of 11 classes with one each do), no
+    float sums. The caller keeps the keys within 32 bits (``_level_counts``)."""
     classes = levels[0].shape[0]
+    k = np.ones((len(levels), classes), np.int64) if counts is None else np.asarray(counts, np.int64)
     bits = (classes - 1).bit_length()
-    dtype = np.uint16 if (255 * len(levels)).bit_length() + bits <= 16 else np.uint32
+    dtype = np.uint16 if (255 * int(k.sum(0).max())).bit_length() + bits <= 16 else np.uint32
+    shape = (-1,) + (1,) * (levels[0].ndim - 1)
     keys = levels[0].astype(dtype)
-    for member in levels[1:]:
-        keys += member
+    if (k[0] != 1).any():
+        keys *= k[0].astype(dtype).reshape(shape)
+    for member, weight in zip(levels[1:], k[1:]):
+        if (weight == 1).all():
+            keys += member
+        elif weight.any():
+            keys += member * weight.astype(dtype).reshape(shape)
     keys <<= bits
-    keys |= ((1 << bits) - 1 - np.arange(classes, dtype=dtype)).reshape((-1,) + (1,) * (keys.ndim - 1))
+    keys |= ((1 << bits) - 1 - np.arange(classes, dtype=dtype)).reshape(shape)
     best = keys.max(0)
     best &= (1 << bits) - 1
     return (1 << bits) - 1 - best.astype(np.intp)
 
 
-def _equal_levels(probs: Sequence[np.ndarray], weights: np.ndarray | Sequence[float] | None) -> bool:
-    """Whether ``level_vote`` gives the soft vote: uint8 members, equal weights, sums and classes that fit."""
-    fits = (255 * len(probs)).bit_length() + (probs[0].shape[0] - 1).bit_length() <= 32  # a key in 32 bits
-    if not fits or not all(p.dtype == np.uint8 for p in probs):
-        return False
-    if weights is None:
-        return True
-    w = class_weights(weights, len(probs), probs[0].shape[0])
-    return bool(np.all(w == w.flat[0]))
+def _level_counts(
+    probs: Sequence[np.ndarray], weights: np.ndarray | Sequence[float] | None
+) -> np.ndarray | None:
+    """The whole weights ``[members, C]`` with which ``level_vote`` gives the soft vote of ``probs``, or
+    ``None``: a member not stored as uint8 levels, weights on no denominator up to ``WHOLE_LIMIT``, or sums
+    too large for 32-bit keys."""
+    if not all(p.dtype == np.uint8 for p in probs):
+        return None
+    key = None if weights is None else (np.asarray(weights, np.float64).tobytes(), np.shape(weights))
+    return _whole_class_weights(key, len(probs), probs[0].shape[0])
+
+
+@functools.lru_cache(maxsize=8)
+def _whole_class_weights(key: tuple | None, members: int, classes: int) -> np.ndarray | None:
+    """``whole_weights`` of ``class_weights`` (cached: a pass votes every image with the same weights)."""
+    weights = None if key is None else np.frombuffer(key[0], np.float64).reshape(key[1])
+    counts = whole_weights(class_weights(weights, members, classes))
+    if counts is None or (255 * int(counts.sum(0).max())).bit_length() + (classes - 1).bit_length() > 32:
+        return None
+    counts.setflags(write=False)
+    return counts
 
 
 TIED = 255  # a vote table's entry where classes tie on votes (the summed probabilities decide)
