@@ -112,7 +112,7 @@ def sample_oof(oof: OofRuns, per_image: int = 2048, seed: int = 0) -> OofSample:
         agree, label = _agreement(stacked)
         first = np.argsort(~agree, kind="stable")  # the pixels where every run agrees first, in order
         target = target.reshape(-1)[index].astype(np.int64)
-        fields = (stacked[:, :, first], target[first], weight[first], agree[first], label[first])
+        fields = (np.take(stacked, first, axis=2), target[first], weight[first], agree[first], label[first])
         return fold, int(agree.sum()), fields
 
     parts = list(oof.map(one))  # each image's sample (and where its runs agree) made on the reading threads
@@ -202,7 +202,7 @@ def _voted_levels(k: np.ndarray, levels: np.ndarray) -> np.ndarray:
     classes = len(levels)
     scaled = (k * classes).astype(np.float32)
     weights = (lambda c: scaled) if k.ndim == 2 else (lambda c: np.ascontiguousarray(scaled[:, :, c]))
-    x = levels.astype(np.float32)
+    x = levels.astype(np.float32, order="C")  # each class's [R, P] rows contiguous, as BLAS takes them
     best = weights(0) @ x[0]
     best += classes - 1
     score = np.empty_like(best)

@@ -16,7 +16,7 @@ from competition.oof.tune import AREAS, Vote, _outcomes, tune
 from competition.oof.weights import search_weights
 from competition.predictions import voting
 from competition.predictions.postprocess import PostProcess, enclosed, fill_holes, remove_small
-from competition.predictions.voting import class_weights, combine, level_vote, soft_scores
+from competition.predictions.voting import class_weights, combine, level_vote, soft_scores, whole_weights
 from tests.conftest import fake_oof_run, onehot, tiny_config_dict
 
 
@@ -135,25 +135,47 @@ def test_final_scoring_applies_settings_from_what_the_candidates_recorded():
     np.testing.assert_array_equal(vote.postprocessed(pp), pp(pred))
 
 
-def test_equal_weight_soft_vote_of_stored_levels_is_the_exact_integer_vote():
-    """uint8 levels with equal weights vote on their integer sums, ties to the first class: the float vote's
-    classes wherever one class leads, and never a class that does not lead (the float sums break ties by
-    rounding). Unequal weights keep the float vote; many members get wider keys."""
+def test_soft_vote_of_stored_levels_with_whole_weights_is_the_exact_integer_vote():
+    """uint8 levels whose weights are whole multiples of some 1 / m (equal weights, a search's grid, per
+    class too) vote on their integer sums ``k * levels``, ties to the first class: the float vote's classes
+    wherever one class leads, and never a class that does not lead (the float sums break ties by rounding).
+    Weights on no such denominator keep the float vote; many members get wider keys."""
     rng = np.random.default_rng(0)
     levels = [(rng.integers(0, 4, (5, 7, 9)) * 60).astype(np.uint8) for _ in range(3)]  # few levels: ties
-    sums = sum(m.astype(np.int64) for m in levels)
-    ranked = np.sort(sums, axis=0)
-    leads = ranked[-1] > ranked[-2]
-    assert (~leads).sum() > 5  # ties to break
-    for weights in (None, [2, 2, 2], np.full((3, 5), 0.3)):
+    raw = rng.integers(1, 4, (3, 5))  # per class: each column scaled to sum 1, so k = lcm * raw / column sum
+    lcm = np.lcm.reduce(raw.sum(0))
+    cases = [(None, np.ones((3, 5))), ([2, 2, 2], np.ones((3, 5))), (np.full((3, 5), 0.3), np.ones((3, 5)))]
+    cases += [([0.5, 0.3, 0.2], np.repeat([[5], [3], [2]], 5, 1)), (raw, lcm * raw // raw.sum(0))]
+    ties = 0
+    for weights, k in cases:
+        sums = sum(m.astype(np.int64) * k[r][:, None, None] for r, m in enumerate(levels))
+        ranked = np.sort(sums, axis=0)
+        leads = ranked[-1] > ranked[-2]
+        ties += (~leads).sum()
         voted = combine(levels, weights)
-        assert np.array_equal(voted, sums.argmax(0))  # NumPy's first largest
+        assert np.array_equal(voted, sums.argmax(0)), weights  # NumPy's first largest
         assert np.array_equal(voted[leads], argmax_classes(soft_scores(levels, weights))[leads])
-    w = [0.5, 0.3, 0.2]
+    assert ties > 25  # ties to break
+    w = [1.0, np.sqrt(2), np.pi]  # on no denominator: the float vote
     assert np.array_equal(combine(levels, w), argmax_classes(soft_scores(levels, w)))
     many = [rng.integers(0, 256, (3, 4, 4)).astype(np.uint8) for _ in range(300)]  # sums need 17 bits
     assert np.array_equal(level_vote(many), sum(m.astype(np.int64) for m in many).argmax(0))
     assert np.array_equal(level_vote(levels[:1]), levels[0].argmax(0))
+    heavy = np.array([[900, 1, 1, 1, 1], [100, 999, 999, 999, 999]])  # keys beyond 16 bits
+    weighted = sum(m.astype(np.int64) * k[:, None, None] for m, k in zip(levels[:2], heavy))
+    assert np.array_equal(level_vote(levels[:2], heavy), weighted.argmax(0))
+
+
+def test_whole_weights_are_the_smallest_whole_multiple_or_none():
+    assert whole_weights([0.375, 0.25, 0.125, 0.125, 0.125]).tolist() == [3, 2, 1, 1, 1]
+    assert whole_weights(np.full(5, 0.2)).tolist() == [1] * 5
+    assert whole_weights(np.round([1 / 3, 2 / 3], 12)).tolist() == [1, 2]  # a table key's rounding
+    assert whole_weights([[0.5, 0.25], [0.5, 0.75]]).tolist() == [[2, 1], [2, 3]]
+    assert whole_weights([0.0, 0.0]).tolist() == [0, 0]
+    assert whole_weights([1.0, np.sqrt(2)]) is None
+    assert whole_weights([-0.5, 1.5]) is None
+    assert whole_weights([0.5, 0.5], limit=1) is None
+    assert whole_weights([0.001, 0.999]).tolist() == [1, 999]
 
 
 def _every_setting_of_class_1(pred, rng):

@@ -160,3 +160,67 @@ def test_per_class_weights_never_score_below_the_per_run_ones_they_start_from(tm
     per_run = search_weights(runs, per_image=None, method=method)
     per_class = search_weights(runs, per_image=None, method=method, per_class=True)
     assert per_class.in_sample >= per_run.in_sample
+
+
+def test_whole_weights_score_levels_on_exact_integer_sums_as_level_vote_does():
+    """The search's candidates on stored levels (weights on a small denominator, per run or per run and
+    class) vote as ``level_vote`` votes with their whole weights, ties to the first class; the float path
+    gives the same classes wherever one class leads."""
+    from competition.oof.sample import _voted, _voted_levels, _whole_rows
+    from competition.predictions.oof import from_levels
+    from competition.predictions.voting import level_vote
+
+    rng = np.random.default_rng(1)
+    levels = (rng.integers(0, 5, (4, 3, 500)) * 50).astype(np.uint8)  # [C, R, P], coarse: ties
+    per_run = np.array([[1, 1, 1], [0.5, 0.25, 0.25], [0.2, 0.4, 0.4], [0, 0, 1]]) / 1.0
+    per_class = (rng.integers(0, 3, (5, 3, 4)) + (np.arange(3) == 0)[:, None]) / 2  # run 0 in every class
+    for weights in (per_run, per_class):
+        k = _whole_rows(weights, 4)
+        assert k is not None
+        np.testing.assert_allclose(k / k.sum(1, keepdims=True), weights / weights.sum(1, keepdims=True))
+        voted = _voted_levels(k, levels)
+        floats = _voted(weights.astype(np.float32), from_levels(levels))
+        ties = 0
+        for g, row in enumerate(k):
+            counts = np.broadcast_to(row[:, None], (3, 4)) if row.ndim == 1 else row
+            expected = level_vote([levels[:, r] for r in range(3)], counts)
+            np.testing.assert_array_equal(voted[g], expected)
+            sums = np.einsum("rc,crp->cp", counts, levels.astype(np.int64))
+            ranked = np.sort(sums, 0)
+            leads = ranked[-1] > ranked[-2]
+            ties += (~leads).sum()
+            np.testing.assert_array_equal(voted[g][leads], floats[g][leads])
+        assert ties > 50
+    assert _whole_rows(np.array([[1.0, np.sqrt(2), 1.0]]), 4) is None  # no denominator: the float vote
+    assert _whole_rows(np.array([[1.0, 999.0, 0.0]]), 80) is None  # keys beyond float32's whole numbers
+
+
+def test_the_sample_is_fold_by_fold_with_every_image_s_agreeing_pixels_first(tmp_path):
+    """Each image's pixels are drawn by its own seeded generator; the sample lists folds in order, and
+    within a fold the pixels where every run's argmax agrees (image by image), then the others: what a
+    stable sort of the images' pixels by (fold, disagreeing) gives."""
+    import zlib
+
+    runs = _noisy_runs(tmp_path, runs=3, seed=2)
+    oof = OofRuns(runs)
+    sample = sample_oof(oof, per_image=100, seed=5)
+    probs, target, weight, fold = [], [], [], []
+    for key, f, maps, t in oof:
+        rng = np.random.default_rng([5, zlib.crc32(key.encode())])
+        index, w = sample_pixels(t, 4, oof.ignore_index, 100, rng)
+        probs.append(np.stack([s.reshape(4, -1)[:, index] for s in maps.stored], axis=1))  # [C, R, n]
+        target.append(t.reshape(-1)[index])
+        weight.append(w)
+        fold.append(np.full(len(index), f))
+    probs, target, weight, fold = (np.concatenate(a, axis=-1) for a in (probs, target, weight, fold))
+    each = probs.argmax(0)  # [R, N]
+    agree = (each == each[:1]).all(0)
+    order = np.lexsort((~agree, fold))
+    np.testing.assert_array_equal(sample.probs, probs[:, :, order])
+    np.testing.assert_array_equal(sample.target, target[order])
+    np.testing.assert_array_equal(sample.weight, weight[order])
+    np.testing.assert_array_equal(sample.fold, fold[order])
+    np.testing.assert_array_equal(sample.agree, agree[order])
+    np.testing.assert_array_equal(sample.label, each[0][order])
+    assert sample.probs.flags.c_contiguous  # class-major: a chunk's class rows are contiguous runs of pixels
+    assert 0 < agree.sum() < len(agree)
