@@ -342,7 +342,7 @@ def tune_crf(
     it was chosen on fold f (as ``postprocess.Tuner`` does for post-processing)."""
     from ..data.coco import safe_join
     from ..data.images import read_image
-    from ..predictions.voting import soft_scores
+    from ..predictions.voting import soft_scores, soft_vote
 
     oof.check_files(files, "the runs' data")  # dense CRF reads each OOF image: the very same file
     options: list[CrfSettings | None] = [None, *candidates]
@@ -357,9 +357,10 @@ def tune_crf(
             voted = soft_scores(probs.stored, w)
             voted = voted / np.maximum(voted.sum(0, keepdims=True), 1e-12)
             table = counts.setdefault((wkey, fold), np.zeros((len(options), classes, classes), np.int64))
+            plain = soft_vote(probs.stored, w)  # no CRF: the soft vote as evaluate makes it (integer sums)
             for i, option in enumerate(options):
-                refined = voted if option is None else dense_crf(image, voted, option)
-                table[i] += confusion(refined.argmax(0), target, classes, ignore)
+                pred = plain if option is None else dense_crf(image, voted, option).argmax(0)
+                table[i] += confusion(pred, target, classes, ignore)
     folds = sorted({f for _, f in counts})
 
     def pooled(base: int | None) -> np.ndarray:

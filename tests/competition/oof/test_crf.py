@@ -133,3 +133,31 @@ def test_evaluate_tune_crf_writes_a_postprocess_file_predict_reads(trained_run, 
     assert saved["provenance"]["runs"][0]["name"] == cfg.name
     assert main(["evaluate", "--runs", run, "--tune-crf", str(out)]) == 1  # never overwritten silently
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_tune_crf_s_no_crf_option_is_evaluate_s_soft_vote_on_exact_level_ties(tmp_path):
+    """Three runs whose stored levels tie two classes exactly (159 + 143 + 45 = 82 + 73 + 192): the integer
+    vote gives the first class, the float sums (normalised) give the second by rounding. The CRF tuner's
+    "no CRF" score is evaluate's soft-vote row, not the float arg-max."""
+    from competition.oof.scores import evaluate_oof
+
+    pattern = [(159, 82), (143, 73), (45, 192)]  # each run's levels of classes 0 and 1; class 2 the rest
+    files, runs = {}, []
+    for r, (a, b) in enumerate(pattern):
+        folds = {0: {}, 1: {}}
+        for i in range(4):
+            image, _, _ = _scene(i, size=16)
+            labels = np.zeros((16, 16), np.int64)
+            labels[:, 12:] = 1  # mostly "left": voting all "left" or all "right" scores apart
+            cv2.imwrite(str(tmp_path / f"{i}.png"), image)
+            files[f"{i}"] = f"{i}.png"
+            probs = np.stack([np.full((16, 16), v / 255, np.float32) for v in (a, b, 255 - a - b)])
+            folds[0 if i < 2 else 1][f"{i}"] = (probs, labels)
+        runs.append(fake_oof_run(tmp_path, f"r{r}", folds, ["left", "right", "other"], file_names=files))
+    oof = OofRuns(runs)
+    tuned = tune_crf(oof, files, tmp_path, candidates=[CrfSettings()], progress=False)
+    table = evaluate_oof(runs)
+    soft = table[table["model"].str.startswith("soft vote")]["miou"].tolist()
+    assert soft == [pytest.approx(tuned.baseline)]
+    left = miou_of(sum(confusion(np.zeros((16, 16), np.int64), t, 3, 255) for _, _, _, t in oof))
+    assert tuned.baseline == pytest.approx(left)  # every pixel voted "left", the first of the tied classes
