@@ -224,3 +224,29 @@ def test_the_sample_is_fold_by_fold_with_every_image_s_agreeing_pixels_first(tmp
     np.testing.assert_array_equal(sample.label, each[0][order])
     assert sample.probs.flags.c_contiguous  # class-major: a chunk's class rows are contiguous runs of pixels
     assert 0 < agree.sum() < len(agree)
+
+
+def test_the_search_s_counts_on_stored_levels_are_those_of_evaluate_s_vote_on_tied_maps(tmp_path):
+    """Every pixel of coarse maps (levels 0, 51, ..., 255: many exact ties between weighted sums) scored by
+    ``vote_counts`` with whole weights gives the confusion counts of ``soft_vote`` on the stored levels, the
+    vote ``evaluate`` makes: ties to the first class, not to rounding."""
+    from competition.predictions.voting import soft_vote
+
+    rng = np.random.default_rng(4)
+    targets = {f: {f"{f}_{i}": rng.integers(0, 3, (10, 10)) for i in range(3)} for f in (0, 1)}
+    runs = []
+    for r in range(3):
+        folds = {}
+        for f, items in targets.items():
+            probs = {k: rng.dirichlet(np.ones(3), t.shape).transpose(2, 0, 1) for k, t in items.items()}
+            folds[f] = {k: ((np.round(p * 5) / 5).astype(np.float32), items[k]) for k, p in probs.items()}
+        runs.append(fake_oof_run(tmp_path, f"c{r}", folds, ["a", "b", "c"]))
+    oof = OofRuns(runs)
+    weights = np.array([[1, 1, 1], [0.5, 0.25, 0.25], [0.2, 0.2, 0.6], [0.375, 0.25, 0.375]])
+    counts = vote_counts(sample_oof(oof, 10**9), weights)
+    for g, w in enumerate(weights):
+        direct = {f: np.zeros((3, 3), np.int64) for f in (0, 1)}
+        for _, fold, maps, t in oof:
+            direct[fold] += confusion(soft_vote(maps.stored, w), t, 3, 255)
+        for f in (0, 1):
+            np.testing.assert_array_equal(counts[f][g], direct[f], err_msg=str(w))
