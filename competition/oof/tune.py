@@ -354,10 +354,10 @@ def tune_crf(
     for key, fold, probs, target in tqdm(oof, total=len(oof), desc="crf", unit="img", disable=not progress):
         image = read_image(safe_join(image_root, files[key]))
         for wkey, w in votes.items():
-            voted = soft_scores(probs.stored, w)
-            voted = voted / np.maximum(voted.sum(0, keepdims=True), 1e-12)
+            scores = soft_scores(probs.stored, w)
+            plain = soft_vote(probs.stored, w, scores)  # no CRF: the soft vote as evaluate makes it
+            voted = scores / np.maximum(scores.sum(0, keepdims=True), 1e-12)
             table = counts.setdefault((wkey, fold), np.zeros((len(options), classes, classes), np.int64))
-            plain = soft_vote(probs.stored, w)  # no CRF: the soft vote as evaluate makes it (integer sums)
             for i, option in enumerate(options):
                 pred = plain if option is None else dense_crf(image, voted, option).argmax(0)
                 table[i] += confusion(pred, target, classes, ignore)
