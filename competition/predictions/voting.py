@@ -102,7 +102,7 @@ def level_vote(levels: Sequence[np.ndarray], counts: np.ndarray | None = None) -
     classes = levels[0].shape[0]
     k = np.ones((len(levels), classes), np.int64) if counts is None else np.asarray(counts, np.int64)
     bits = (classes - 1).bit_length()
-    dtype = np.uint16 if (255 * int(k.sum(0).max())).bit_length() + bits <= 16 else np.uint32
+    dtype = np.uint16 if _key_bits(k, classes) <= 16 else np.uint32
     shape = (-1,) + (1,) * (levels[0].ndim - 1)
     keys = levels[0].astype(dtype)
     if (k[0] != 1).any():
@@ -136,10 +136,15 @@ def _whole_class_weights(key: tuple | None, members: int, classes: int) -> np.nd
     """``whole_weights`` of ``class_weights`` (cached: a pass votes every image with the same weights)."""
     weights = None if key is None else np.frombuffer(key[0], np.float64).reshape(key[1])
     counts = whole_weights(class_weights(weights, members, classes))
-    if counts is None or (255 * int(counts.sum(0).max())).bit_length() + (classes - 1).bit_length() > 32:
+    if counts is None or _key_bits(counts, classes) > 32:
         return None
     counts.setflags(write=False)
     return counts
+
+
+def _key_bits(counts: np.ndarray, classes: int) -> int:
+    """Bits of ``level_vote``'s packed keys: the largest weighted level sum of a class, then the class."""
+    return (255 * int(counts.sum(0).max())).bit_length() + (classes - 1).bit_length()
 
 
 TIED = 255  # a vote table's entry where classes tie on votes (the summed probabilities decide)
