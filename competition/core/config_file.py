@@ -123,13 +123,43 @@ def find_config(name_or_path: str | os.PathLike) -> Path:
     raise ConfigError(f"config {name_or_path} not found.{did_you_mean(path.stem, names)} Shipped: {names}")
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or a shipped config's name), apply dotted overrides and validate."""
-    path = find_config(path)
+def merge_config(base: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``: sections (mappings) merge key by key, any other value replaces the base's."""
+    out = copy.deepcopy(dict(base))
+    for key, value in child.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = merge_config(out[key], value) if both else copy.deepcopy(value)
+    return out
+
+
+def read_config_file(path: str | os.PathLike, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML config's sections with its ``base:`` resolved: ``base: camvid_lite0`` (a shipped config's name,
+    or a path relative to this file's folder) is read first and this file's keys merged over it
+    (``merge_config``), so a recipe is written as its differences. Bases may chain; a loop is an error."""
+    path = find_config(path).resolve()
+    if path in chain:
+        raise ConfigError("config base loop: " + " -> ".join(str(p) for p in (*chain, path)))
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
-    return config_from_dict(raw, overrides, source=str(path))
+    if "base" not in raw:
+        return raw
+    base = raw.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base: give a shipped config's name or a YAML path, got {base!r}")
+    relative = path.parent / os.path.expanduser(base)
+    try:
+        parent = read_config_file(relative if relative.is_file() else base, (*chain, path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: base {base!r}: {exc}") from None
+    return merge_config(parent, raw)
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or a shipped config's name; its ``base:`` merged, ``read_config_file``), apply
+    dotted overrides and validate."""
+    source = find_config(path)
+    return config_from_dict(read_config_file(source), overrides, source=str(source))

@@ -23,7 +23,7 @@ def _raw(**sections):
 
 def test_shipped_configs_validate():
     for name in ("unet3plus_r34", "unet_effb0", "unetplusplus_effb0", "tiny_cpu", "camvid_lite0",
-                 "camvid_lite0_sweep"):  # fmt: skip
+                 "camvid_lite0_sweep", "camvid_lite0_native"):  # fmt: skip
         cfg = load_config(name)
         assert cfg.name == name
         assert cfg.data.folds.is_absolute()  # resolved against the working directory
@@ -71,6 +71,39 @@ def test_missing_data_paths_and_bad_override_syntax():
         apply_overrides({}, ["train.epochs"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("no_such_config")
+
+
+def test_base_merges_sections_key_by_key_and_chains(tmp_path):
+    (tmp_path / "parent.yaml").write_text("base: tiny_cpu\nname: parent\ntrain: {epochs: 5}\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"  # a relative base is found from the file's own folder
+    child.write_text(
+        "base: ../parent.yaml\nname: child\nmodel: {params: {cgm: false}}\naugment: {size: [96, 64]}\n"
+    )
+    cfg = load_config(child)
+    expected = load_config("tiny_cpu", ["name=child", "train.epochs=5", "model.params.cgm=false",
+                                        "augment.size=[96,64]"])  # fmt: skip
+    assert cfg == expected
+    assert cfg.model.params["deep_supervision"] == load_config("tiny_cpu").model.params["deep_supervision"]
+    # the shipped sweep recipe is camvid_lite0 plus its differences
+    sweep, lite0 = load_config("camvid_lite0_sweep"), load_config("camvid_lite0")
+    assert sweep.augment.scale == lite0.augment.scale and sweep.augment.size == (256, 320)
+    native = load_config("camvid_lite0_native")
+    assert native.augment.eval_size is None and (native.train.epochs, native.train.swa_epochs) == (16, 4)
+
+
+def test_base_errors_name_the_file(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\nname: a\n")
+    b.write_text("base: a.yaml\nname: b\n")
+    with pytest.raises(ConfigError, match=r"base loop: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(a)
+    a.write_text("base: tiny_cpus\nname: a\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: base 'tiny_cpus': config tiny_cpus not found\. Did you"):
+        load_config(a)
+    a.write_text("base: [tiny_cpu]\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: base: give a shipped config's name"):
+        load_config(a)
 
 
 def test_config_yaml_round_trip(tmp_path):
