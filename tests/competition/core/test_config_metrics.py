@@ -101,6 +101,13 @@ def test_base_errors_name_the_file(tmp_path):
     a.write_text("base: tiny_cpus\nname: a\n")
     with pytest.raises(ConfigError, match=r"a\.yaml: base 'tiny_cpus': config tiny_cpus not found\. Did you"):
         load_config(a)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "c.yaml").write_text("base: tiny_cpu\n")
+    a.write_text("base: c.yaml\nname: a\n")  # a path is looked for beside the file only, not in the cwd
+    with pytest.raises(ConfigError, match=r"a\.yaml: base 'c\.yaml': config .*c\.yaml not found"):
+        load_config(a)
+    a.write_text("base: elsewhere/c.yaml\nname: a\n")
+    assert load_config(a).name == "a"
     a.write_text("base: [tiny_cpu]\n")
     with pytest.raises(ConfigError, match=r"a\.yaml: base: give a shipped config's name"):
         load_config(a)
