@@ -4,11 +4,12 @@ A run trained with ``train.swa_epochs=K`` keeps the end-of-epoch weights of its 
 ``last.ckpt``. Averaging changes only what is validated, not the training, so the average of its last N <= K
 epochs is exactly the model a run with ``train.swa_epochs=N`` would have ended with. This scores every window
 N in ``--windows`` at native 480x360 on the val split (``camvid.py``'s frames and confusion counts; N=1 is
-the last epoch, no averaging), plain, and the window ``--tta-window`` also with TTA (hflip + scales
+the last epoch, no averaging), plain, and the windows ``--tta-windows`` also with TTA (hflip + scales
 0.75/1/1.25, the ``predict --tta hflip --scales 0.75,1,1.25`` of the recipe). Fix the window before looking
 (``camvid_lite0_native`` averages 4): the other rows show how much the choice matters, not one to pick.
 
-python benchmarks/camvid_windows.py --out /work/camvid_native --run u3p_swa_s1 --windows 1,2,3,4,5,6
+python benchmarks/camvid_windows.py --out /work/camvid_native --run u3p_swa_s1 --windows 1,2,3,4,5,6 \
+    --tta-windows 4,6
 """
 
 from __future__ import annotations
@@ -58,19 +59,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="camvid.py's work folder")
     parser.add_argument("--run", required=True, help="a finished *_swa run under OUT/runs, e.g. u3p_swa_s1")
     parser.add_argument("--windows", default="1,2,3,4,5,6", help="comma-separated numbers of final epochs")
-    parser.add_argument("--tta-window", type=int, default=4, help="the window also scored with TTA (0: none)")
+    parser.add_argument("--tta-windows", default="4", help="comma-separated windows also scored with TTA")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     windows = [int(n) for n in args.windows.split(",")]
+    tta = [int(n) for n in args.tta_windows.split(",") if n]
+    if set(tta) - set(windows):
+        raise SystemExit(f"--tta-windows {args.tta_windows}: each must be one of --windows {args.windows}")
     models, names, cfg = window_models(args.out / "runs" / args.run / "fold0", windows)
     started = time.perf_counter()
     scores = native_scores([Ensemble([m]) for m in models.values()], cfg, args.out / "folds.csv", names)
     rows = [{"run": args.run, "window": n, "tta": "none"} | s for n, s in zip(models, scores)]
-    if args.tta_window:
-        tta = Ensemble([models[args.tta_window]], TTA)
-        (score,) = native_scores([tta], cfg, args.out / "folds.csv", names)
-        rows.append({"run": args.run, "window": args.tta_window, "tta": "hflip_scales"} | score)
+    if tta:
+        scores = native_scores([Ensemble([models[n]], TTA) for n in tta], cfg, args.out / "folds.csv", names)
+        rows += [{"run": args.run, "window": n, "tta": "hflip_scales"} | s for n, s in zip(tta, scores)]
     save_rows(args.out / "windows.csv", rows, key=("run", "window", "tta"))
     print(f"# {time.strftime('%Y-%m-%d')} {platform.node()} torch {torch.__version__}, "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
