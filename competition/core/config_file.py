@@ -135,7 +135,9 @@ def merge_config(base: Mapping[str, Any], child: Mapping[str, Any]) -> dict[str,
 def read_config_file(path: str | os.PathLike, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML config's sections with its ``base:`` resolved: ``base: camvid_lite0`` (a shipped config's name,
     or a path relative to this file's folder) is read first and this file's keys merged over it
-    (``merge_config``), so a recipe is written as its differences. Bases may chain; a loop is an error."""
+    (``merge_config``), so a recipe is written as its differences. Without a ``name`` of its own the file's
+    stem is its name (not the base's, whose runs folder it would share). Bases may chain; a loop is an
+    error."""
     path = find_config(path).resolve()
     if path in chain:
         raise ConfigError("config base loop: " + " -> ".join(str(p) for p in (*chain, path)))
@@ -148,6 +150,7 @@ def read_config_file(path: str | os.PathLike, chain: tuple[Path, ...] = ()) -> d
     if "base" not in raw:
         return raw
     base = raw.pop("base")
+    raw.setdefault("name", path.stem)  # never the base's name: its runs folder would be shared
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"{path}: base: give a shipped config's name or a YAML path, got {base!r}")
     relative = path.parent / os.path.expanduser(base)

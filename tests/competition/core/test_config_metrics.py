@@ -106,7 +106,7 @@ def test_base_errors_name_the_file(tmp_path):
     a.write_text("base: c.yaml\nname: a\n")  # a path is looked for beside the file only, not in the cwd
     with pytest.raises(ConfigError, match=r"a\.yaml: base 'c\.yaml': config .*c\.yaml not found"):
         load_config(a)
-    a.write_text("base: elsewhere/c.yaml\nname: a\n")
+    a.write_text("base: elsewhere/c.yaml\n")  # no name of its own: the file's, never the base's
     assert load_config(a).name == "a"
     a.write_text("base: [tiny_cpu]\n")
     with pytest.raises(ConfigError, match=r"a\.yaml: base: give a shipped config's name"):
