@@ -46,8 +46,8 @@ def window_models(fold_dir: Path, windows: list[int]) -> tuple[dict[int, ModelSp
     for n in windows:
         average = CheckpointAverage(copy.deepcopy(specs[0].model), n)
         average.load_state_dict({"kept": kept[-n:]})
-        epochs = [k["epoch"] for k in kept[-n:]]
-        model = average.module(epochs[-1], epochs[-1] + 1).eval()
+        last = kept[-1]["epoch"]  # a run ending there averages exactly its last n kept epochs
+        model = average.module(last, last + 1).eval()
         models[n] = replace(specs[0], model=model)
     return models, names, cfg
 

@@ -154,8 +154,8 @@ def read_config_file(path: str | os.PathLike, chain: tuple[Path, ...] = ()) -> d
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"{path}: base: give a shipped config's name or a YAML path, got {base!r}")
     relative = path.parent / os.path.expanduser(base)
+    named = not (relative.is_file() or relative.suffix or os.sep in base)  # a shipped config's name
     try:
-        named = not (relative.is_file() or relative.suffix or os.sep in base)  # a shipped config's name
         parent = read_config_file(base if named else relative, (*chain, path))
     except ConfigError as exc:
         raise ConfigError(f"{path}: base {base!r}: {exc}") from None
